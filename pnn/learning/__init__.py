@@ -1,0 +1,33 @@
+"""Local learning rules, losses and optimizers.
+
+Importing this package registers every rule in :data:`RULES`; :func:`make_rule` builds one by
+name.
+"""
+
+from .base import RULES, LearningRule, RuleContext, StepResult, forward_checked, make_rule, register_rule
+from .dfa import DFA
+from .losses import LOSSES, CrossEntropy, Loss, MeanSquaredError, get_loss, one_hot
+from .optim import OPTIMIZERS, SGD, Adam, Optimizer, lr_at_epoch, make_optimizer
+
+__all__ = [
+    "RULES",
+    "LearningRule",
+    "RuleContext",
+    "StepResult",
+    "forward_checked",
+    "make_rule",
+    "register_rule",
+    "DFA",
+    "LOSSES",
+    "CrossEntropy",
+    "Loss",
+    "MeanSquaredError",
+    "get_loss",
+    "one_hot",
+    "OPTIMIZERS",
+    "SGD",
+    "Adam",
+    "Optimizer",
+    "lr_at_epoch",
+    "make_optimizer",
+]

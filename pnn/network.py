@@ -1,0 +1,371 @@
+"""A physical network: nodes in order, physical and digital mixed freely.
+
+The network runs a forward pass node by node and keeps every node's measured state, which is
+all a learning rule needs. Digital nodes live here too: :class:`DigitalLinear` (a trainable
+layer with an exact gradient), :class:`Encoder` (maps data into the first node's input range)
+and :class:`Readout` (turns the last node's outputs into logits).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .activations import get_activation
+from .errors import ConfigError, PnnError
+from .nodes import ErrorSite, Node, NodeState, ParameterSpec
+
+__all__ = ["PhysicalNetwork", "DigitalLinear", "Encoder", "Readout"]
+
+log = logging.getLogger(__name__)
+
+
+def _unbounded(n: int, unit: str = "1") -> ParameterSpec:
+    big = np.finfo(np.float64).max / 4
+    return ParameterSpec((n,), -big, big, unit)
+
+
+class DigitalLinear(Node):
+    """A digital layer ``f(W x + b)`` computed exactly in float64 or float32.
+
+    Parameters
+    ----------
+    n_in, n_out
+        Input and output widths.
+    activation
+        Name of the nonlinearity (see :mod:`pnn.activations`).
+    rng
+        Generator or seed for the initial weights.
+    init_scale
+        Initial weights are uniform in +-``init_scale / sqrt(n_in)``.
+    weight_limit
+        Bound on every weight and bias; digital weights have no physical range, so the default
+        only guards against divergence.
+    dtype
+        Float dtype of signals and weights.
+    """
+
+    gradient_method = "exact"
+    has_input_gradient = True
+    has_preactivation = True
+
+    def __init__(
+        self,
+        n_in: int,
+        n_out: int,
+        *,
+        activation: str = "tanh",
+        rng: np.random.Generator | int | None = None,
+        name: str = "linear",
+        init_scale: float = 1.0,
+        weight_limit: float = 1e6,
+        dtype: type = np.float32,
+    ) -> None:
+        super().__init__(name, n_in, n_out, input_spec=_unbounded(n_in), output_unit="1", dtype=dtype)
+        self.activation = get_activation(activation)
+        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        limit = init_scale / math.sqrt(n_in)
+        self.weight = rng.uniform(-limit, limit, (n_out, n_in)).astype(self.dtype)
+        self.bias = np.zeros(n_out, dtype=self.dtype)
+        self._specs = {
+            "weight": ParameterSpec((n_out, n_in), -weight_limit, weight_limit, "1", description="weight"),
+            "bias": ParameterSpec((n_out,), -weight_limit, weight_limit, "1", description="bias"),
+        }
+
+    @property
+    def parameters(self) -> Mapping[str, ParameterSpec]:
+        return self._specs
+
+    def _read_parameters(self) -> dict[str, np.ndarray]:
+        return {"weight": self.weight, "bias": self.bias}
+
+    def _write_parameters(self, values: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name, value in values.items():
+            setattr(self, name, np.ascontiguousarray(value, dtype=self.dtype))
+        return {name: getattr(self, name).astype(np.float64) for name in values}
+
+    def apply_update(self, delta: Mapping[str, Any], *, clip: bool = False) -> dict[str, np.ndarray]:
+        """Add ``delta`` in place; the digital weights have no resolution to round to."""
+        self._check_open()
+        steps = {}
+        for name, value in self._known(delta).items():
+            spec = self._specs[name]
+            step = spec.check_shape(value, self._where(name))
+            current = getattr(self, name)
+            target = current + step
+            if np.any(np.abs(target) > spec.upper_array):
+                target = spec.check_range(target, self._where(name), clip=clip)
+            steps[name] = (target - current).astype(self.dtype)
+        for name, step in steps.items():
+            getattr(self, name)[...] += step
+        return {name: step.astype(np.float64) for name, step in steps.items()}
+
+    def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        a = x @ self.weight.T + self.bias
+        return self.activation.f(a), x, {"preactivation": a}
+
+    def _delta(self, state: NodeState, error: np.ndarray, at: ErrorSite) -> np.ndarray:
+        if at == "preactivation":
+            return error
+        return error * self.activation.df(np.asarray(state.probes["preactivation"], dtype=np.float64))
+
+    def local_gradient(
+        self, state: NodeState, output_error: np.ndarray, *, at: ErrorSite = "output"
+    ) -> dict[str, np.ndarray]:
+        error = self.check_error(state, output_error, at=at)
+        delta = self._delta(state, error, at).astype(self.dtype)
+        batch = delta.shape[0]
+        return {
+            "weight": (delta.T @ state.inputs.astype(self.dtype) / batch).astype(np.float64),
+            "bias": delta.mean(axis=0).astype(np.float64),
+        }
+
+    def input_gradient(self, state: NodeState, output_error: np.ndarray) -> np.ndarray:
+        error = self.check_error(state, output_error)
+        return self._delta(state, error, "output") @ self.weight.astype(np.float64)
+
+    def identity(self) -> dict[str, Any]:
+        info = super().identity()
+        info["activation"] = self.activation.name
+        return info
+
+
+class Encoder(Node):
+    """Maps raw data into a node's input range: ``clip((x - offset) * scale, lower, upper)``.
+
+    Fit ``offset`` and ``scale`` on training data with :meth:`fit`; values beyond the range are
+    clipped, which is an explicit choice of this encoder (the count is logged at DEBUG level).
+
+    Parameters
+    ----------
+    n
+        Number of features.
+    lower, upper
+        Target input range, usually the first node's ``input_spec``.
+    method
+        ``"minmax"`` maps the training minimum and maximum onto the range; ``"standard"`` maps
+        the mean to the centre and ``spread`` standard deviations to each edge.
+    spread
+        Standard deviations that reach the range edge, for ``method="standard"``.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        *,
+        lower: float = -1.0,
+        upper: float = 1.0,
+        method: str = "standard",
+        spread: float = 3.0,
+        name: str = "encoder",
+    ) -> None:
+        super().__init__(name, n, n, input_spec=_unbounded(n), output_unit="1", dtype=np.float32)
+        if method not in ("standard", "minmax"):
+            raise ConfigError(f"encoder method must be 'standard' or 'minmax', got {method!r}")
+        if not lower < upper:
+            raise ConfigError(f"encoder range needs lower < upper, got [{lower}, {upper}]")
+        self.lower, self.upper, self.method, self.spread = float(lower), float(upper), method, float(spread)
+        self.offset_ = np.zeros(n)
+        self.scale_ = np.ones(n)
+
+    def fit(self, x: np.ndarray) -> Encoder:
+        """Set ``offset_`` and ``scale_`` from training data of shape (n_samples, n)."""
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != self.n_in:
+            raise ConfigError(f"encoder {self.name!r}: expected data of shape (n, {self.n_in}), got {x.shape}")
+        centre = 0.5 * (self.lower + self.upper)
+        half = 0.5 * (self.upper - self.lower)
+        if self.method == "standard":
+            std = x.std(axis=0)
+            std[std == 0] = 1.0
+            self.scale_ = half / (self.spread * std)
+            self.offset_ = x.mean(axis=0) - centre / self.scale_
+        else:
+            lo, hi = x.min(axis=0), x.max(axis=0)
+            width = np.where(hi > lo, hi - lo, 1.0)
+            self.scale_ = (self.upper - self.lower) / width
+            self.offset_ = lo - self.lower / self.scale_
+        return self
+
+    def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        z = (x - self.offset_) * self.scale_
+        clipped = int(np.count_nonzero((z < self.lower) | (z > self.upper)))
+        if clipped:
+            log.debug("encoder %r: clipped %d value(s) into [%g, %g]", self.name, clipped, self.lower, self.upper)
+        return np.clip(z, self.lower, self.upper).astype(self.dtype), x, {}
+
+    def identity(self) -> dict[str, Any]:
+        info = super().identity()
+        info.update(method=self.method, lower=self.lower, upper=self.upper)
+        return info
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"offset": self.offset_.copy(), "scale": self.scale_.copy()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.offset_ = np.asarray(state["offset"], dtype=np.float64).copy()
+        self.scale_ = np.asarray(state["scale"], dtype=np.float64).copy()
+
+
+class Readout(Node):
+    """Turns the last node's outputs into logits: ``gain * (y - offset)``, with no parameters."""
+
+    has_input_gradient = True
+
+    def __init__(self, n: int, *, gain: float = 1.0, offset: float = 0.0, name: str = "readout") -> None:
+        super().__init__(name, n, n, input_spec=_unbounded(n), output_unit="1", dtype=np.float32)
+        if not (math.isfinite(gain) and gain != 0):
+            raise ConfigError(f"readout gain must be a finite non-zero number, got {gain}")
+        self.gain, self.offset = float(gain), float(offset)
+
+    def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        return (self.gain * (x - self.offset)).astype(self.dtype), x, {}
+
+    def input_gradient(self, state: NodeState, output_error: np.ndarray) -> np.ndarray:
+        return self.check_error(state, output_error) * self.gain
+
+    def identity(self) -> dict[str, Any]:
+        info = super().identity()
+        info.update(gain=self.gain, offset=self.offset)
+        return info
+
+
+class PhysicalNetwork:
+    """Nodes applied in order; the output of each is the input of the next.
+
+    Parameters
+    ----------
+    nodes
+        The stages, first to last. Names must be unique; the widths of neighbours must match.
+    """
+
+    def __init__(self, nodes: Sequence[Node]) -> None:
+        nodes = list(nodes)
+        if not nodes:
+            raise ConfigError("a network needs at least one node")
+        names = [node.name for node in nodes]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ConfigError(f"node names must be unique; repeated: {duplicates}")
+        for before, after in zip(nodes, nodes[1:]):
+            if before.n_out != after.n_in:
+                raise ConfigError(
+                    f"node {before.name!r} has {before.n_out} outputs but the next node "
+                    f"{after.name!r} has {after.n_in} inputs"
+                )
+        self.nodes = nodes
+        self._states: list[NodeState] | None = None
+
+    @property
+    def n_in(self) -> int:
+        """Number of input features."""
+        return self.nodes[0].n_in
+
+    @property
+    def n_out(self) -> int:
+        """Number of outputs (logits)."""
+        return self.nodes[-1].n_out
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self.nodes)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __getitem__(self, key: int | str) -> Node:
+        if isinstance(key, str):
+            for node in self.nodes:
+                if node.name == key:
+                    return node
+            raise KeyError(f"no node named {key!r}; the nodes are {[n.name for n in self.nodes]}")
+        return self.nodes[key]
+
+    @property
+    def trainable_indices(self) -> list[int]:
+        """Positions of the nodes that have trainable parameters."""
+        return [i for i, node in enumerate(self.nodes) if node.trainable]
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Run every node in order, measure each one's state, and return the last outputs."""
+        signal = x
+        states = []
+        for node in self.nodes:
+            signal = node.forward(signal)
+            states.append(node.measure_state())
+        self._states = states
+        return signal
+
+    @property
+    def states(self) -> list[NodeState]:
+        """Each node's state from the last :meth:`forward`."""
+        if self._states is None:
+            raise PnnError("the network has not run a forward pass yet")
+        return self._states
+
+    def invalid_reason(self) -> str | None:
+        """Return why the last forward pass must not be used for an update, or None."""
+        for node, state in zip(self.nodes, self.states):
+            reason = state.invalid_reason()
+            if reason is not None:
+                return f"node {node.name!r}: {reason}"
+        return None
+
+    def predict(self, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+        """Return the outputs for many examples, in batches; states are not kept."""
+        outputs = []
+        for start in range(0, len(x), batch_size):
+            outputs.append(self.forward(x[start : start + batch_size]))
+        self._states = None
+        return np.concatenate(outputs, axis=0)
+
+    def backward_to(self, index: int, error: np.ndarray) -> np.ndarray:
+        """Send an error at the network output back to the output of node ``index``.
+
+        Uses each later node's :meth:`Node.input_gradient`, so those nodes need a model.
+        """
+        for position in range(len(self.nodes) - 1, index, -1):
+            error = self.nodes[position].input_gradient(self.states[position], error)
+        return error
+
+    def identity(self) -> list[dict[str, Any]]:
+        """Every node's identity, in order."""
+        return [node.identity() for node in self.nodes]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every node's state, by name."""
+        return {node.name: node.state_dict() for node in self.nodes}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        missing = [node.name for node in self.nodes if node.name not in state]
+        if missing:
+            raise ConfigError(f"saved network state has no entry for node(s) {missing}")
+        for node in self.nodes:
+            node.load_state_dict(state[node.name])
+
+    def apply_safe_state(self) -> None:
+        """Apply every node's safe state; a failure on one node does not stop the others."""
+        for node in self.nodes:
+            try:
+                node.apply_safe_state()
+            except Exception:  # noqa: BLE001 - every node must get its chance to go safe
+                log.exception("node %r: applying the safe state failed", node.name)
+
+    def close(self) -> None:
+        """Close every node."""
+        for node in self.nodes:
+            node.close()
+
+    def __enter__(self) -> PhysicalNetwork:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        chain = " -> ".join(f"{n.name}({n.n_in}->{n.n_out})" for n in self.nodes)
+        return f"<PhysicalNetwork {chain}>"

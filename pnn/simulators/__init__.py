@@ -1,0 +1,115 @@
+"""Simulated devices behind the node interface, and the registry of device kinds.
+
+Each device kind names its presets and a factory that builds one physical layer mapping n_in
+inputs to n_out outputs. ``pnn train --device NAME --preset PRESET`` looks kinds up here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..nodes import Node
+from .crossbar import CROSSBAR_PRESETS, STAGES, CrossbarConfig, CrossbarNode, crossbar_preset
+
+__all__ = [
+    "DeviceKind",
+    "DEVICES",
+    "register_device",
+    "get_device",
+    "CrossbarConfig",
+    "CrossbarNode",
+    "CROSSBAR_PRESETS",
+    "STAGES",
+    "crossbar_preset",
+]
+
+#: Builds one physical layer: (n_in, n_out, *, name, activation, config, rng, preset) -> Node.
+LayerFactory = Callable[..., Node]
+
+
+@dataclass(frozen=True)
+class DeviceKind:
+    """A family of simulated devices: its presets and how to build one layer."""
+
+    name: str
+    description: str
+    presets: Mapping[str, Any]
+    make_node: LayerFactory
+    default_preset: str = "default"
+
+    def config(self, preset: str | None = None, options: Mapping[str, Any] | None = None) -> Any:
+        """Return the preset's settings with ``options`` changed; unknown names raise ConfigError."""
+        preset = preset or self.default_preset
+        if preset not in self.presets:
+            raise ConfigError(
+                f"unknown {self.name} preset {preset!r}; choose one of {', '.join(self.presets)}"
+            )
+        config = self.presets[preset]
+        if not options:
+            return config
+        options = dict(options)
+        stages_off = options.pop("disabled", None)
+        known = {f.name for f in dataclasses.fields(config)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(
+                f"device {self.name!r} has no setting(s) {unknown}; its settings are {', '.join(sorted(known))}"
+            )
+        config = dataclasses.replace(config, **options)
+        if stages_off:
+            config = config.without(*stages_off)
+        return config
+
+    def build(
+        self,
+        n_in: int,
+        n_out: int,
+        *,
+        name: str,
+        activation: str,
+        config: Any,
+        rng: np.random.Generator,
+        preset: str | None = None,
+    ) -> Node:
+        """Build one layer of this device kind."""
+        return self.make_node(n_in, n_out, name=name, activation=activation, config=config, rng=rng, preset=preset)
+
+
+DEVICES: dict[str, DeviceKind] = {}
+
+
+def register_device(kind: DeviceKind) -> DeviceKind:
+    """Add a device kind to :data:`DEVICES`."""
+    if kind.name in DEVICES:
+        raise ValueError(f"device {kind.name!r} is already registered")
+    DEVICES[kind.name] = kind
+    return kind
+
+
+def get_device(name: str) -> DeviceKind:
+    """Return the device kind called ``name``, or raise ConfigError listing the kinds."""
+    try:
+        return DEVICES[name]
+    except KeyError:
+        raise ConfigError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}") from None
+
+
+def _make_crossbar(n_in: int, n_out: int, *, name: str, activation: str, config: CrossbarConfig,
+                   rng: np.random.Generator, preset: str | None = None) -> CrossbarNode:
+    return CrossbarNode(n_in, n_out, activation=activation, config=config, rng=rng, name=name, preset=preset)
+
+
+register_device(
+    DeviceKind(
+        name="crossbar",
+        description="analog crossbar of differential conductance pairs with DAC, read noise and ADC",
+        presets=CROSSBAR_PRESETS,
+        make_node=_make_crossbar,
+    )
+)
