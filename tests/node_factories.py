@@ -1,0 +1,24 @@
+"""Factories for every Node implementation that the conformance suite checks.
+
+Each entry builds a fresh, small node. Add every new simulator or instrument node here, so
+that it runs through tests/test_node_conformance.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from pnn.network import DigitalLinear
+from pnn.nodes import Node
+from pnn.simulators.crossbar import CROSSBAR_PRESETS, CrossbarNode
+
+NODE_FACTORIES: dict[str, Callable[[], Node]] = {
+    "crossbar-default": lambda: CrossbarNode(6, 4, rng=0, name="xbar"),
+    "crossbar-ideal": lambda: CrossbarNode(6, 4, rng=0, name="xbar", config=CROSSBAR_PRESETS["ideal"]),
+    "crossbar-stochastic": lambda: CrossbarNode(
+        6, 4, rng=0, name="xbar", config=CROSSBAR_PRESETS["default"].replace(update_mode="stochastic")
+    ),
+    "digital-linear": lambda: DigitalLinear(6, 4, rng=0, name="fc", dtype=np.float64),
+}
