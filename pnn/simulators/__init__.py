@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from ..network import DigitalLinear
 from ..nodes import Node
 from .crossbar import CROSSBAR_PRESETS, STAGES, CrossbarConfig, CrossbarNode, crossbar_preset
 
@@ -27,6 +28,7 @@ __all__ = [
     "CROSSBAR_PRESETS",
     "STAGES",
     "crossbar_preset",
+    "DigitalConfig",
 ]
 
 #: Builds one physical layer: (n_in, n_out, *, name, activation, config, rng, preset) -> Node.
@@ -111,5 +113,36 @@ register_device(
         description="analog crossbar of differential conductance pairs with DAC, read noise and ADC",
         presets=CROSSBAR_PRESETS,
         make_node=_make_crossbar,
+    )
+)
+
+
+@dataclass(frozen=True)
+class DigitalConfig:
+    """Settings of an ideal digital layer, the reference every physical device is compared with."""
+
+    init_scale: float = 1.0
+    """Initial weights are uniform in +-init_scale / sqrt(n_in)."""
+
+    def without(self, *stages: str) -> DigitalConfig:
+        """Return self: a digital layer has no imperfection stages (``"all"`` is accepted)."""
+        unknown = sorted(set(stages) - {"all"})
+        if unknown:
+            raise ConfigError(f"the digital device has no imperfection stages; cannot switch off {unknown}")
+        return self
+
+
+def _make_digital(n_in: int, n_out: int, *, name: str, activation: str, config: DigitalConfig,
+                  rng: np.random.Generator, preset: str | None = None) -> DigitalLinear:
+    return DigitalLinear(n_in, n_out, activation=activation, rng=rng, name=name, init_scale=config.init_scale)
+
+
+# Registered here so that ``--device digital`` gives the ideal digital reference network.
+register_device(
+    DeviceKind(
+        name="digital",
+        description="ideal digital layers in float32 with exact gradients (the reference)",
+        presets={"default": DigitalConfig(), "ideal": DigitalConfig()},
+        make_node=_make_digital,
     )
 )
