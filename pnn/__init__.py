@@ -31,6 +31,11 @@ _EXPORTS = {
     "InstrumentError": "errors",
     "MeasurementError": "errors",
     "CalibrationError": "errors",
+    "Dataset": "datasets",
+    "load_dataset": "datasets",
+    "PhysicalNoProp": "controller",
+    "TrainConfig": "config",
+    "train": "experiment",
     "CrossbarNode": "simulators",
     "CrossbarConfig": "simulators",
 }

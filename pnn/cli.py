@@ -28,7 +28,14 @@ EXIT_INTERRUPTED = 130
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
-    """An argument parser whose usage errors are one line, pointing at ``--help``."""
+    """An argument parser whose usage errors are one line, pointing at ``--help``.
+
+    Abbreviated options are off: on a bench, ``--epoch`` must not silently mean ``--epochs``.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")

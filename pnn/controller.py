@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
+from .datasets import epoch_order, iterate_batches
 from .errors import ConfigError, MeasurementError, PnnError
 from .learning.base import LearningRule, NodeFactory, RuleContext
 from .learning.losses import get_loss
@@ -31,7 +32,7 @@ from .learning.optim import LR_SCHEDULES, Optimizer, lr_at_epoch, make_optimizer
 from .network import PhysicalNetwork
 from .runs import RunDir
 
-__all__ = ["PhysicalNoProp", "TrainingInterrupted", "TrainingStopped", "epoch_order", "iterate_batches"]
+__all__ = ["PhysicalNoProp", "TrainingInterrupted", "TrainingStopped"]
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +43,6 @@ class TrainingInterrupted(PnnError):
 
 class TrainingStopped(PnnError):
     """Training stopped after too many consecutive rejected batches."""
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """Return the order of the ``n`` training examples in ``epoch``; depends on nothing else."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def iterate_batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """Split an example order into consecutive batches (the last one may be smaller)."""
-    if batch_size < 1:
-        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def _check_data(x: np.ndarray, y: np.ndarray, n_in: int, n_classes: int, label: str) -> tuple[np.ndarray, np.ndarray]:
@@ -108,6 +97,10 @@ class PhysicalNoProp:
     node_factory
         Builds a node of the network's device kind, for rules that need extra physical nodes
         (physical feedback).
+    eval_batch_size
+        Examples per forward pass when evaluating.
+    callbacks
+        Functions called as ``callback(controller, epoch_record)`` after each epoch's checkpoint.
     """
 
     def __init__(
@@ -186,6 +179,7 @@ class PhysicalNoProp:
         self.n_rejected_ = 0
         self._position = (0, 0)
         self._epoch_sums = {"loss": 0.0, "correct": 0, "seen": 0, "rejected": 0, "clipped": 0}
+        self._last_rejection = ""
 
     # ---------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -274,7 +268,7 @@ class PhysicalNoProp:
             lr = lr_at_epoch(self.lr, epoch, self.epochs, self.lr_schedule)
             for opt in self.optimizers_.values():
                 opt.lr = lr
-            batches = iterate_batches(epoch_order(n, self.seed, epoch), self.batch_size)
+            batches = list(iterate_batches(n, self.batch_size, epoch_order(n, self.seed, epoch)))
             epoch_started = time.perf_counter()
             first = start_batch if epoch == start_epoch else 0
             if first == 0:
@@ -310,9 +304,11 @@ class PhysicalNoProp:
                             f"interrupted at epoch {epoch + 1}, batch {b + 1} of {len(batches)}; "
                             f"safe state applied and checkpoint written{where}"
                         )
-            self._end_epoch(epoch, lr, x_test, y_test, time.perf_counter() - epoch_started)
+            record = self._end_epoch(epoch, lr, x_test, y_test, time.perf_counter() - epoch_started)
             self._position = (epoch + 1, 0)
             self._checkpoint()
+            for callback in self.callbacks:
+                callback(self, record)
 
     def _step(self, epoch: int, batch: int, x: np.ndarray, y: np.ndarray, lr: float) -> bool:
         """Run one batch; return False if it was rejected."""
@@ -360,7 +356,7 @@ class PhysicalNoProp:
             self.run.log(record)
         return True
 
-    def _end_epoch(self, epoch: int, lr: float, x_test, y_test, seconds: float) -> None:
+    def _end_epoch(self, epoch: int, lr: float, x_test, y_test, seconds: float) -> dict[str, Any]:
         sums = self._epoch_sums
         record: dict[str, Any] = {
             "kind": "epoch",
@@ -380,14 +376,13 @@ class PhysicalNoProp:
         self.history_.append(record)
         if self.run is not None:
             self.run.log(record)
-        for callback in self.callbacks:
-            callback(self, record)
         message = f"epoch {epoch + 1}/{self.epochs}: train loss {record['train_loss']:.4f}, train accuracy {record['train_accuracy']:.4f}"
         if x_test is not None:
             message += f", test accuracy {record['test_accuracy']:.4f}"
         log.info(message)
         if self.progress:
             tqdm.write(message)
+        return record
 
     # ------------------------------------------------------------------------ evaluation
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict[str, float]:

@@ -110,10 +110,17 @@ def _plot_curves(run: RunDir) -> None:
     plot_training_curves(run.read_metrics(), run.path / "curves.png")
 
 
-def train(config: TrainConfig | None = None, *, resume: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+def train(
+    config: TrainConfig | None = None,
+    *,
+    resume: str | Path | None = None,
+    progress: bool = True,
+    callbacks: list | None = None,
+) -> dict[str, Any]:
     """Run one training from a configuration, or resume one from its run folder.
 
-    Returns the summary that is also written to the run folder's ``summary.json``.
+    ``callbacks`` are passed to :class:`~pnn.controller.PhysicalNoProp`. Returns the summary
+    that is also written to the run folder's ``summary.json``.
     """
     started = time.perf_counter()
     if resume is not None:
@@ -157,6 +164,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
         batch_size=config.batch_size, seed=config.seed, clip_updates=config.clip_updates,
         max_consecutive_invalid=config.max_consecutive_invalid,
         checkpoint_every=config.checkpoint_every, run=run, progress=progress, node_factory=factory,
+        callbacks=callbacks,
     )
     try:
         controller.fit(

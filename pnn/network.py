@@ -221,7 +221,8 @@ class Readout(Node):
     has_input_gradient = True
 
     def __init__(self, n: int, *, gain: float = 1.0, offset: float = 0.0, name: str = "readout") -> None:
-        super().__init__(name, n, n, input_spec=_unbounded(n), output_unit="1", dtype=np.float32)
+        # float64 logits: the loss and its gradient checks need the full precision.
+        super().__init__(name, n, n, input_spec=_unbounded(n), output_unit="1", dtype=np.float64)
         if not (math.isfinite(gain) and gain != 0):
             raise ConfigError(f"readout gain must be a finite non-zero number, got {gain}")
         self.gain, self.offset = float(gain), float(offset)
