@@ -53,6 +53,11 @@ def build_network(config: TrainConfig, dataset: Dataset) -> tuple[PhysicalNetwor
     physical feedback use it).
     """
     n_features = dataset.x_train.shape[1]
+    # Rules whose networks are not a chain of layers (NoProp's blocks, EP's settling networks)
+    # build their own, through a ``build_network(config, dataset)`` class method.
+    custom = getattr(RULES.get(config.rule), "build_network", None)
+    if custom is not None:
+        return custom(config, dataset)
     if config.station:
         from .devices.station import build_station_layers  # noqa: PLC0415 - optional part
 
