@@ -141,7 +141,9 @@ def train(
         # Check everything that can fail on bad input before creating the run folder.
         make_rule_for(config)
         if not config.station:
-            get_device(config.device).config(config.preset, config.device_options)
+            device = get_device(config.device)
+            device.config(config.preset, config.device_options)
+            config.preset = config.preset or device.default_preset
         run = None
 
     dataset = load_dataset(
