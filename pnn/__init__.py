@@ -33,6 +33,8 @@ _EXPORTS = {
     "CalibrationError": "errors",
     "CrossbarNode": "simulators",
     "CrossbarConfig": "simulators",
+    "ResistiveNode": "simulators",
+    "ResistiveConfig": "simulators",
 }
 
 __all__ = ["__version__", *_EXPORTS]

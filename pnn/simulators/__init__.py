@@ -16,6 +16,13 @@ import numpy as np
 from ..errors import ConfigError
 from ..nodes import Node
 from .crossbar import CROSSBAR_PRESETS, STAGES, CrossbarConfig, CrossbarNode, crossbar_preset
+from .resistive import (
+    RESISTIVE_PRESETS,
+    RESISTIVE_STAGES,
+    ResistiveConfig,
+    ResistiveNode,
+    resistive_preset,
+)
 
 __all__ = [
     "DeviceKind",
@@ -27,6 +34,11 @@ __all__ = [
     "CROSSBAR_PRESETS",
     "STAGES",
     "crossbar_preset",
+    "ResistiveConfig",
+    "ResistiveNode",
+    "RESISTIVE_PRESETS",
+    "RESISTIVE_STAGES",
+    "resistive_preset",
 ]
 
 #: Builds one physical layer: (n_in, n_out, *, name, activation, config, rng, preset) -> Node.
@@ -111,5 +123,33 @@ register_device(
         description="analog crossbar of differential conductance pairs with DAC, read noise and ADC",
         presets=CROSSBAR_PRESETS,
         make_node=_make_crossbar,
+    )
+)
+
+
+#: Activations a resistive layer accepts, mapped to its diode placement. The diode pair is a
+#: bounded, odd, saturating function, so it stands in for the bounded odd activations.
+#: ``"linear"`` builds an output layer without diodes.
+_RESISTIVE_ACTIVATIONS = {"diode": "all", "tanh": "all", "hardtanh": "all", "linear": "hidden"}
+
+
+def _make_resistive(n_in: int, n_out: int, *, name: str, activation: str, config: ResistiveConfig,
+                    rng: np.random.Generator, preset: str | None = None) -> ResistiveNode:
+    try:
+        diodes = _RESISTIVE_ACTIVATIONS[activation]
+    except KeyError:
+        raise ConfigError(
+            f"node {name!r}: a resistive layer's nonlinearity is its diode pairs, so the activation must be "
+            f"one of {', '.join(_RESISTIVE_ACTIVATIONS)}, got {activation!r}"
+        ) from None
+    return ResistiveNode(n_in, n_out, diodes=diodes, config=config, rng=rng, name=name, preset=preset)
+
+
+register_device(
+    DeviceKind(
+        name="resistive",
+        description="layered network of trainable conductances with diode nonlinearities, settled by Newton iteration",
+        presets=RESISTIVE_PRESETS,
+        make_node=_make_resistive,
     )
 )
