@@ -27,13 +27,18 @@ import math
 import numpy as np
 from numba import njit
 
+#: Fast-math flags of every kernel here: reassociation lets the compiler vectorize the sums of
+#: the residual and the Schur complements. The flags that assume no NaN or infinity stay off,
+#: because a NaN voltage marks an example that did not converge.
+FASTMATH = {"reassoc", "contract"}
+
 #: Exponent above which the diode law continues linearly, so that a wild Newton trial cannot
 #: overflow. At the default diode settings this is reached only above about 3.5 V, where the
 #: current would exceed 1e25 A, so it never changes a physical solution.
 EXP_LIMIT = 80.0
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FASTMATH)
 def _limited_exp(a):
     """Return exp(a) and its derivative, continued linearly above EXP_LIMIT."""
     if a > EXP_LIMIT:
@@ -43,7 +48,7 @@ def _limited_exp(a):
     return value, value
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FASTMATH)
 def diode_pair(v, i_sat, n_vt, v_diode_bias):
     """Return the current (uA) leaving a node through its antiparallel diode pair, and its slope (uS).
 
@@ -58,7 +63,7 @@ def diode_pair(v, i_sat, n_vt, v_diode_bias):
     return current, slope
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FASTMATH)
 def _source_weights(g, sizes, g_offset, n_columns, n_in, v_bias):
     """Return how the sources drive the first layer, and the bias current into every node.
 
@@ -89,7 +94,7 @@ def _source_weights(g, sizes, g_offset, n_columns, n_in, v_bias):
     return input_weight, bias_drive
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FASTMATH)
 def _drive(x, input_weight, bias_drive, inject, drive):
     """Fill ``drive`` with the current the sources and the injection push into each node (uA)."""
     for n in range(drive.size):
@@ -101,7 +106,7 @@ def _drive(x, input_weight, bias_drive, inject, drive):
         drive[i] += s
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FASTMATH)
 def _residual(v, drive, static, g, sizes, node_offset, g_offset, n_columns,
               has_diode, i_sat, n_vt, v_diode_bias, f):
     """Fill ``f`` with the net current leaving each free node (uA); return sum(f**2).
@@ -135,7 +140,7 @@ def _residual(v, drive, static, g, sizes, node_offset, g_offset, n_columns,
     return merit
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FASTMATH)
 def static_diagonal(g, sizes, node_offset, g_offset, n_columns, n_in):
     """Return the conductance sum at every free node (uS): the Jacobian diagonal without diodes."""
     n_free = node_offset[-1] + sizes[-1]
@@ -152,7 +157,7 @@ def static_diagonal(g, sizes, node_offset, g_offset, n_columns, n_in):
     return diagonal
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FASTMATH)
 def _cholesky(a, offset, n):
     """Factor the symmetric matrix a[offset:offset + n*n] (lower triangle read) in place."""
     for j in range(n):
@@ -171,7 +176,7 @@ def _cholesky(a, offset, n):
     return True
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FASTMATH)
 def _cholesky_solve(a, offset, n, b, b_offset):
     """Solve L L^T y = b in place on b[b_offset:b_offset + n], with L from :func:`_cholesky`."""
     for i in range(n):
@@ -186,7 +191,7 @@ def _cholesky_solve(a, offset, n, b, b_offset):
         b[b_offset + i] = s / a[offset + i * n + i]
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FASTMATH)
 def _factor(g, sizes, node_offset, g_offset, n_columns, diagonal, schur, schur_offset, work):
     """Eliminate the layers in order and factor each Schur complement; False if one is not SPD.
 
@@ -203,20 +208,22 @@ def _factor(g, sizes, node_offset, g_offset, n_columns, diagonal, schur, schur_o
         base = schur_offset[layer]
         prev_nodes = node_offset[layer - 1]
         here_nodes = node_offset[layer]
-        # work[k * n_prev : (k + 1) * n_prev] = S_{l-1}^{-1} W_l[k, :]; S_0 is diagonal.
+        # Row k of `scaled` is S_{l-1}^{-1} W_l[k, :]; S_0 is diagonal.
+        weights = g[row0 : row0 + n_here * width].reshape(n_here, width)
+        scaled = work[: n_here * n_prev].reshape(n_here, n_prev)
         for k in range(n_here):
             for i in range(n_prev):
-                work[k * n_prev + i] = g[row0 + k * width + i]
+                scaled[k, i] = weights[k, i]
             if layer == 1:
                 for i in range(n_prev):
-                    work[k * n_prev + i] /= diagonal[prev_nodes + i]
+                    scaled[k, i] /= diagonal[prev_nodes + i]
             else:
                 _cholesky_solve(schur, schur_offset[layer - 1], n_prev, work, k * n_prev)
         for k in range(n_here):
             for k2 in range(k + 1):
                 s = 0.0
                 for i in range(n_prev):
-                    s += g[row0 + k * width + i] * work[k2 * n_prev + i]
+                    s += weights[k, i] * scaled[k2, i]
                 schur[base + k * n_here + k2] = -s
         for k in range(n_here):
             schur[base + k * n_here + k] += diagonal[here_nodes + k]
@@ -225,7 +232,7 @@ def _factor(g, sizes, node_offset, g_offset, n_columns, diagonal, schur, schur_o
     return True
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FASTMATH)
 def _apply_inverse(layer, diagonal, node_offset, sizes, schur, schur_offset, b, b_offset):
     """Overwrite b[b_offset:b_offset + sizes[layer]] with the layer's Schur complement inverse times it."""
     if layer == 0:
@@ -235,7 +242,7 @@ def _apply_inverse(layer, diagonal, node_offset, sizes, schur, schur_offset, b, 
         _cholesky_solve(schur, schur_offset[layer], sizes[layer], b, b_offset)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FASTMATH)
 def _solve(g, sizes, node_offset, g_offset, n_columns, diagonal, schur, schur_offset, rhs, z, scratch):
     """Solve J z = rhs with the factors from :func:`_factor`; ``scratch`` has max(sizes) numbers."""
     n_layers = sizes.size
@@ -273,7 +280,7 @@ def _solve(g, sizes, node_offset, g_offset, n_columns, diagonal, schur, schur_of
         _apply_inverse(layer, diagonal, node_offset, sizes, schur, schur_offset, z, here)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FASTMATH)
 def _jacobian_diagonal(v, static, has_diode, i_sat, n_vt, v_diode_bias, diagonal):
     for n in range(v.size):
         diagonal[n] = static[n]
@@ -282,7 +289,7 @@ def _jacobian_diagonal(v, static, has_diode, i_sat, n_vt, v_diode_bias, diagonal
             diagonal[n] += slope
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FASTMATH)
 def _buffers(sizes, n_free):
     schur_offset = np.zeros(sizes.size, dtype=np.int64)
     total = 0
@@ -297,7 +304,7 @@ def _buffers(sizes, n_free):
     return schur, schur_offset, work, scratch
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FASTMATH)
 def settle_kernel(x, v_init, inject, g, sizes, node_offset, g_offset, n_columns, n_in, v_bias,
                   has_diode, i_sat, n_vt, v_diode_bias, tol, max_iter):
     """Solve Kirchhoff's current law for every example by damped Newton iteration.
@@ -391,7 +398,7 @@ def settle_kernel(x, v_init, inject, g, sizes, node_offset, g_offset, n_columns,
     return v_out, iterations, residual, converged
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FASTMATH)
 def adjoint_kernel(v, rhs, g, sizes, node_offset, g_offset, n_columns, n_in, has_diode, i_sat, n_vt,
                    v_diode_bias):
     """Solve J lambda = rhs per example, with J the Jacobian of Kirchhoff's law at voltages v.
