@@ -492,6 +492,12 @@ def test_bad_settings_raise():
         ResistiveConfig(diode_ideality=0.0)
     with pytest.raises(ConfigError, match="levels must be an integer"):
         ResistiveConfig(levels=1)
+    with pytest.raises(ConfigError, match="g_max must be of type float, got 'high'"):
+        ResistiveConfig(g_max="high")
+    with pytest.raises(ConfigError, match="differential_outputs must be of type bool"):
+        ResistiveConfig(differential_outputs=1)
+    with pytest.raises(ConfigError, match="g_max must be a positive number|0 < g_min < g_max"):
+        ResistiveConfig(g_max=float("nan"))
     with pytest.raises(ConfigError, match="hidden layer widths"):
         ResistiveNode(3, 2, hidden=(4, 0))
     with pytest.raises(ConfigError, match="diodes must be one of"):

@@ -52,6 +52,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -130,6 +131,17 @@ class ResistiveConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "disabled", frozenset(self.disabled))
+        for item in dataclasses.fields(self):
+            if item.name == "disabled":
+                continue
+            value = getattr(self, item.name)
+            if item.name == "differential_outputs":
+                wrong_type = not isinstance(value, (bool, np.bool_))
+            else:
+                # bool is an int subclass, but True as a conductance is a mistake.
+                wrong_type = isinstance(value, bool) or not isinstance(value, numbers.Real)
+            if wrong_type:
+                raise ConfigError(f"resistive {item.name} must be of type {item.type}, got {value!r}")
         unknown = sorted(self.disabled - set(RESISTIVE_STAGES))
         if unknown:
             raise ConfigError(
@@ -294,7 +306,8 @@ class ResistiveNode(Node):
         name: str = "resistive",
     ) -> None:
         if config is None:
-            config = resistive_preset(preset or "default")
+            preset = preset or "default"
+            config = resistive_preset(preset)
         if not isinstance(config, ResistiveConfig):
             raise ConfigError(f"node {name!r}: config must be a ResistiveConfig, got {type(config).__name__}")
         v_max = config.v_input_max
