@@ -26,9 +26,9 @@ Topology (layered, chosen here so that positive conductances can still express s
 
 Conductances are in microsiemens (uS), voltages in volts (V), currents in amperes (A) at the
 public interface (the kernels use microamperes internally). Parameters are named ``g_layer1``,
-``g_layer2``, ...: ``g_layerL`` has shape (nodes in layer L, columns of layer L), with the
-column order of :mod:`pnn.simulators.resistive_kernels` (``x``, ``-x``, ``+v_bias``,
-``-v_bias`` for the first layer; previous layer, ``+v_bias``, ``-v_bias`` after it).
+``g_layer2``, ..., and ``g_layerL`` has shape (nodes in layer L, columns of layer L). The
+columns of the first layer are ``x``, ``-x``, ``+v_bias`` and ``-v_bias``. Later layers have
+the previous layer's nodes, then ``+v_bias`` and ``-v_bias``.
 
 Imperfections (named stages, see :data:`STAGES`), each switched off by
 :meth:`ResistiveConfig.without`:
@@ -532,9 +532,9 @@ class ResistiveNode(Node):
                 columns = np.concatenate([inputs, -inputs, bias], axis=1)
             else:
                 columns = np.concatenate([node_voltages[:, layout.layer_nodes(layer - 1)], bias], axis=1)
-            here = node_voltages[:, layout.layer_nodes(layer)]
+            layer_voltages = node_voltages[:, layout.layer_nodes(layer)]
             # (batch, nodes, 1) - (batch, 1, columns) -> (batch, nodes, columns)
-            drops[f"dv_{key}"] = here[:, :, None] - columns[:, None, :]
+            drops[f"dv_{key}"] = layer_voltages[:, :, None] - columns[:, None, :]
         return drops
 
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -620,14 +620,14 @@ class ResistiveNode(Node):
         batch = error.shape[0]
         gradients = {}
         for layer, key in enumerate(self._specs):
-            lam_here = lam[:, layout.layer_nodes(layer)]
+            lam_nodes = lam[:, layout.layer_nodes(layer)]
             n_columns = int(layout.n_columns[layer])
             lam_columns = np.zeros((batch, n_columns))
             if layer > 0:
                 lam_columns[:, : int(layout.sizes[layer - 1])] = lam[:, layout.layer_nodes(layer - 1)]
             dv = np.asarray(state.probes[f"dv_{key}"], dtype=FLOAT)
             # (batch, nodes, 1) - (batch, 1, columns) -> (batch, nodes, columns)
-            gradients[key] = -np.mean((lam_here[:, :, None] - lam_columns[:, None, :]) * dv, axis=0)
+            gradients[key] = -np.mean((lam_nodes[:, :, None] - lam_columns[:, None, :]) * dv, axis=0)
         return gradients
 
     def input_gradient(self, state: NodeState, output_error: np.ndarray) -> np.ndarray:
