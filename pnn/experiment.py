@@ -135,7 +135,9 @@ def train(
         if run.read_summary() is not None:
             raise ConfigError(f"the run in {run.path} has already finished; start a new run instead")
     else:
-        config = resolve_config(config or TrainConfig())
+        config = config or TrainConfig()
+        lr_scale = 1.0 if config.station else get_device(config.device).lr_scale
+        config = resolve_config(config, lr_scale=lr_scale)
         out = Path(config.out) if config.out else default_run_dir(config)
         config.out = str(out)
         # Check everything that can fail on bad input before creating the run folder.
