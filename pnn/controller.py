@@ -357,7 +357,7 @@ class PhysicalNoProp:
         sums["clipped"] += clipped
         if self.run is not None:
             record = {
-                "kind": "step", "epoch": epoch, "batch": batch, "step": self.n_steps_,
+                "kind": "step", "epoch": epoch, "batch": batch, "step": self.n_steps_, "time": time.time(),
                 "loss": result.loss, "accuracy": correct / len(y), "lr": lr, "clipped": clipped,
             }
             record.update(result.extras)
