@@ -5,6 +5,6 @@ the real registries.
 """
 
 RULE_NAMES = ("dfa",)
-DEVICE_NAMES = ("crossbar", "digital")
+DEVICE_NAMES = ("crossbar", "resistive", "digital")
 DATASET_NAMES = ("vowels", "mnist")
 FEEDBACK_NAMES = ("random", "identity", "physical")

@@ -176,11 +176,16 @@ def load_config_file(path: str | Path) -> TrainConfig:
     return config_from_mapping(values, source=str(path))
 
 
-def resolve_config(config: TrainConfig) -> TrainConfig:
-    """Fill unset settings from the dataset defaults and check every value's range."""
+def resolve_config(config: TrainConfig, *, lr_scale: float = 1.0) -> TrainConfig:
+    """Fill unset settings from the dataset defaults and check every value's range.
+
+    ``lr_scale`` multiplies the default learning rate, for devices whose parameters are not
+    weights of order one (conductances in microsiemens, for example).
+    """
     if config.dataset not in DATASET_DEFAULTS:
         raise ConfigError(f"unknown dataset {config.dataset!r}; choose one of {', '.join(DATASET_DEFAULTS)}")
-    defaults = DATASET_DEFAULTS[config.dataset]
+    defaults = dict(DATASET_DEFAULTS[config.dataset])
+    defaults["lr"] = defaults["lr"] * lr_scale
     changes = {key: value for key, value in defaults.items() if getattr(config, key) is None}
     config = dataclasses.replace(config, **changes)
 

@@ -135,13 +135,17 @@ def train(
         if run.read_summary() is not None:
             raise ConfigError(f"the run in {run.path} has already finished; start a new run instead")
     else:
-        config = resolve_config(config or TrainConfig())
+        config = config or TrainConfig()
+        lr_scale = 1.0 if config.station else get_device(config.device).lr_scale
+        config = resolve_config(config, lr_scale=lr_scale)
         out = Path(config.out) if config.out else default_run_dir(config)
         config.out = str(out)
         # Check everything that can fail on bad input before creating the run folder.
         make_rule_for(config)
         if not config.station:
-            get_device(config.device).config(config.preset, config.device_options)
+            device = get_device(config.device)
+            device.config(config.preset, config.device_options)
+            config.preset = config.preset or device.default_preset
         run = None
 
     dataset = load_dataset(
