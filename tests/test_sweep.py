@@ -21,7 +21,9 @@ import pytest
 from pnn.cli import main
 from pnn.config import TrainConfig, resolve_config
 from pnn.errors import ConfigError
-from pnn.sweep import RESULT_COLUMNS, ResultsTable, load_spec, read_results, run_sweep, spec_from_mapping, training_key
+from pnn.sweep import (
+    RESULT_COLUMNS, ResultsTable, load_spec, read_results, run_sweep, run_training, spec_from_mapping, training_key,
+)
 from pnn.sweep.plot import plot_sweep, sweep_series
 from pnn.sweep.table import SweepLock
 
@@ -221,7 +223,7 @@ def spec_error(values, tmp_path) -> str:
         ({"grid": {"rule": ["dfa", "nosuchrule"]}}, "training rule='nosuchrule': unknown rule 'nosuchrule'"),
         ({"grid": {"lr": [0.01, -1.0]}}, "training lr=-1.0: learning rate must be a positive number"),
         ({"grid": {"preset": ["default", "noisy"]}}, "unknown crossbar preset 'noisy'"),
-        ({"grid": {"device_options": {"read_noise_std": [-0.1]}}}, "read_noise_std must be >= 0"),
+        ({"grid": {"device_options": {"read_noise_std": [-0.1]}}}, "training device_options.read_noise_std=-0.1: crossbar read_noise_std must be"),
         ({"grid": {"device_options": {"disabled": [["dac"], ["optics"]]}}}, "unknown crossbar stage(s) ['optics']"),
         ({"grid": {"epochs": [100, 5]}, "fixed": {"dataset": "vowels"}, "sweep": {}}, None),
     ],
@@ -409,3 +411,40 @@ def test_plot_needs_numeric_axis(tmp_path):
     spec = spec_from_mapping({"grid": {"seed": [0, 1], "feedback": ["random", "physical"]}}, default_out=tmp_path)
     with pytest.raises(ConfigError, match="no numeric axis besides seed"):
         plot_sweep(spec, tmp_path / "results.csv", tmp_path / "plot.png")
+
+
+# ------------------------------------------------------------------ worker-side task
+def task_settings(run_dir: Path) -> dict:
+    return resolve_config(TrainConfig(hidden=[8], epochs=2, out=str(run_dir))).to_dict()
+
+
+def test_task_resumes_from_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    first = run_training(task_settings(run_dir))
+    assert first["ok"], first.get("error")
+    # A run stopped after its last checkpoint but before its summary resumes, not restarts.
+    (run_dir / "summary.json").unlink()
+    config_mtime = (run_dir / "config.json").stat().st_mtime_ns
+    again = run_training(task_settings(run_dir))
+    assert again["ok"], again.get("error")
+    assert again["test_accuracy"] == first["test_accuracy"]
+    assert (run_dir / "config.json").stat().st_mtime_ns == config_mtime
+
+
+def test_task_restarts_partial_run(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text("{}")
+    result = run_training(task_settings(run_dir))
+    assert result["ok"], result.get("error")
+    assert json.loads((run_dir / "config.json").read_text())["config"]["hidden"] == [8]
+
+
+def test_task_keeps_foreign_files(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("mine")
+    result = run_training(task_settings(run_dir))
+    assert not result["ok"]
+    assert "notes.txt" in result["error"]
+    assert (run_dir / "notes.txt").read_text() == "mine"

@@ -78,8 +78,10 @@ def plot_sweep(spec: SweepSpec, table: str | Path, path: str | Path, metric: str
         others = [other for other in numeric if other is not axis]
         _draw_panel(panel, rows, axis, others, categorical, fixed_rule, metric)
     n_seeds = len({row.get("seed", "") for row in rows})
-    fig.suptitle(f"{Path(spec.source).name}: {len(rows)} trainings, mean over {n_seeds} seed(s), band from lowest to highest seed",
-                 fontsize=9)
+    fig.suptitle(
+        f"{Path(spec.source).name}: {len(rows)} trainings\nline: mean over {n_seeds} seed(s); band: lowest to highest seed",
+        fontsize=9,
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)

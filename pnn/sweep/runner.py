@@ -228,6 +228,8 @@ def _run_tasks(client, distributed, pending: list[Training], table: ResultsTable
             attempt = attempts[training.key]
             if result["ok"]:
                 table.record(training.key, training.values, {**result, "status": DONE, "attempts": attempt})
+                # A traceback from an earlier run of the sweep no longer describes this training.
+                (folder / FAILURES_FOLDER / f"{training.key}.txt").unlink(missing_ok=True)
                 report.done += 1
                 bar.update()
             elif attempt <= retries:
@@ -278,7 +280,7 @@ def _one_line(exc: BaseException) -> str:
 
 # ------------------------------------------------------------------------ worker side
 def run_training(settings: dict[str, Any]) -> dict[str, Any]:
-    """Run one training on a worker and return its outcome; never raises for a failed training.
+    """Run one training on a worker and return its outcome, with the error of a failed training.
 
     Parameters
     ----------

@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import os
 import sys
 import types
 import typing
@@ -156,7 +157,7 @@ class SweepSpec:
             else:
                 settings[name] = value
         try:
-            config = resolve_config(config_from_mapping(settings, source=self.source))
+            config = _resolve(config_from_mapping(settings, source=self.source))
             _check_training(config)
         except ConfigError as exc:
             raise ConfigError(f"{self.source}: training {_describe(values)}: {exc}") from None
@@ -165,6 +166,13 @@ class SweepSpec:
 
 def _describe(values: Mapping[str, Any]) -> str:
     return ", ".join(f"{name}={value!r}" for name, value in values.items()) or "(no axes)"
+
+
+def _resolve(config: TrainConfig) -> TrainConfig:
+    """Fill the dataset's defaults as training does, with the device's learning-rate scale."""
+    from ..simulators import get_device  # noqa: PLC0415 - imports the Numba kernels
+
+    return resolve_config(config, lr_scale=get_device(config.device).lr_scale)
 
 
 def _check_training(config: TrainConfig) -> None:
@@ -278,7 +286,9 @@ def spec_from_mapping(
     fixed = _check_fixed(fixed, source, base_dir)
     axes = _check_grid(grid, fixed, source, base_dir)
     _check_device_settings(fixed, axes, source)
-    return SweepSpec(source=source, out=base_dir / out, retries=retries, fixed=fixed, axes=tuple(axes))
+    # normpath removes the "folder/../" that a relative out often contains; it is lexical only.
+    folder = Path(os.path.normpath(base_dir / out))
+    return SweepSpec(source=source, out=folder, retries=retries, fixed=fixed, axes=tuple(axes))
 
 
 def _reject_unknown(values: Mapping[str, Any], known: tuple[str, ...], where: str, what: str) -> None:
