@@ -614,3 +614,20 @@ class Node(ABC):
     def __repr__(self) -> str:
         params = ", ".join(f"{k}{v.shape}" for k, v in self.parameters.items()) or "no parameters"
         return f"<{type(self).__name__} {self.name!r}: {self.n_in} -> {self.n_out}, {params}>"
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """Show the node's limits and units in IPython, one line per signal and parameter."""
+        if cycle:
+            printer.text(repr(self))
+            return
+        output_unit = "" if self.output_unit in ("", "1") else f" in {self.output_unit}"
+        lines = [
+            repr(self),
+            f"  gradient   {self.gradient_method}",
+            f"  inputs     {self.n_in} channel(s) in {self.input_spec.range_text()}",
+            f"  outputs    {self.n_out} channel(s){output_unit}",
+        ]
+        for name, spec in self.parameters.items():
+            step = f", step {spec.resolution:g}" if spec.resolution else ""
+            lines.append(f"  parameter  {name} {spec.shape} in {spec.range_text()}{step}")
+        printer.text("\n".join(lines))

@@ -10,10 +10,23 @@ from collections.abc import Callable
 
 import numpy as np
 
+from pnn.calibration import CalibratedNode, Calibrator, DigitalTwin, OutputDrift, Sweep, TwinGradientNode
 from pnn.network import DigitalLinear
 from pnn.nodes import Node
 from pnn.simulators.crossbar import CROSSBAR_PRESETS, CrossbarNode
 from pnn.simulators.resistive import RESISTIVE_PRESETS, ResistiveNode
+
+
+
+def _crossbar_twin(node: Node) -> DigitalTwin:
+    """Return the twin of a quick calibration of ``node``."""
+    return Calibrator(sweep=Sweep(points=24, repeats=2), holdout=0.0).fit(node, progress=False).twin_
+
+
+def _twin_gradient() -> Node:
+    node = CrossbarNode(6, 4, rng=0, name="xbar")
+    return TwinGradientNode(node, _crossbar_twin(node))
+
 
 NODE_FACTORIES: dict[str, Callable[[], Node]] = {
     "crossbar-default": lambda: CrossbarNode(6, 4, rng=0, name="xbar"),
@@ -24,4 +37,8 @@ NODE_FACTORIES: dict[str, Callable[[], Node]] = {
     "resistive-default": lambda: ResistiveNode(6, 4, hidden=(5,), rng=0, name="resistive"),
     "resistive-ideal": lambda: ResistiveNode(6, 4, rng=0, name="resistive", config=RESISTIVE_PRESETS["ideal"]),
     "digital-linear": lambda: DigitalLinear(6, 4, rng=0, name="fc", dtype=np.float64),
+    "calibration-twin": lambda: _crossbar_twin(CrossbarNode(6, 4, rng=0, name="xbar")),
+    "calibration-twin-gradient": _twin_gradient,
+    "calibration-corrected": lambda: CalibratedNode(CrossbarNode(6, 4, rng=0, name="xbar"), gain=[1.1, 0.9, 1.0, 1.2], offset=0.05),
+    "calibration-output-drift": lambda: OutputDrift(CrossbarNode(6, 4, rng=0, name="xbar"), gain_rate=1e-3, offset_rate=-1e-3),
 }
