@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from node_factories import NODE_FACTORIES
+from .node_factories import NODE_FACTORIES
 from pnn.devices import load_station
 from pnn.emulators import EmulatedHardware, LayerSpec, ScpiEmulator, emulated_node
 from pnn.errors import ConfigError, LimitError, MeasurementError, PnnError
