@@ -9,12 +9,13 @@ station file, checks its identity and reads its channel ranges, and changes no o
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``pnn devices``."""
+    from ..cli import add_common_options  # noqa: PLC0415 - light module
+
     parser = subparsers.add_parser(
         "devices",
         help="list serial ports and VISA resources, or identify the instruments of a station file",
@@ -24,6 +25,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="identify every instrument of this station file and show its limits (changes no output)")
     parser.add_argument("--network", action="store_true",
                         help="also discover VISA instruments on the local network (sends VXI-11 broadcasts and mDNS queries)")
+    add_common_options(parser)
     parser.set_defaults(func=run)
     return parser
 
@@ -110,21 +112,3 @@ def _identify_station(path: str) -> int:
         # close() only: the safe state would write outputs, and this command changes none.
         station.close()
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run ``pnn devices`` on its own (``python -m pnn.commands.devices``)."""
-    from ..errors import PnnError
-
-    parser = argparse.ArgumentParser(prog="pnn")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["devices", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except PnnError as exc:
-        print(f"pnn devices: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,6 +17,8 @@ DEFAULT_LAYERS = "12x16:tanh,16x7:linear"
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``pnn emulate`` and its two kinds."""
+    from ..cli import add_common_options  # noqa: PLC0415 - light module
+
     parser = subparsers.add_parser(
         "emulate",
         help="serve an emulated instrument: SCPI over TCP on 127.0.0.1, or the board protocol on a pseudo-terminal",
@@ -53,6 +55,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         sub.add_argument("--transfer", choices=("binary", "ascii"), default="binary",
                          help="bulk transfer format in the written station file (default binary)")
         sub.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: run until Ctrl-C)")
+        add_common_options(sub)
         sub.set_defaults(func=run)
     return parser
 
@@ -101,21 +104,3 @@ def run(args: argparse.Namespace) -> int:
     finally:
         emulator.stop()
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run ``pnn emulate`` on its own (``python -m pnn.commands.emulate scpi --port 0``)."""
-    from ..errors import PnnError
-
-    parser = argparse.ArgumentParser(prog="pnn")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["emulate", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except PnnError as exc:
-        print(f"pnn emulate: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

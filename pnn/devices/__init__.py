@@ -17,7 +17,7 @@ from .node import ChannelGroup, InstrumentNode, OutputBank, PerturbationSettings
 from .replay import Exchange, ReplayTransport
 from .scpi import OVERRANGE, Range, Choice, Setting, encode_block, parse_values, read_block, ramp_path
 from .scpi_drivers import ScpiInstrument, ScpiMeter, ScpiSource, ScpiSourceMeter
-from .station import Station, load_station, parse_station
+from .station import Station, build_station_layers, load_station, parse_station
 from .traffic import TrafficRecorder, read_recording
 from .transport import (
     ConnectionLost,
@@ -33,6 +33,7 @@ from .transport import (
 __all__ = [
     "load_station",
     "parse_station",
+    "build_station_layers",
     "Station",
     "InstrumentNode",
     "ChannelGroup",

@@ -46,7 +46,15 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-__all__ = ["Station", "load_station", "parse_station", "StationConfig", "InstrumentConfig", "NodeConfig"]
+__all__ = [
+    "Station",
+    "load_station",
+    "parse_station",
+    "build_station_layers",
+    "StationConfig",
+    "InstrumentConfig",
+    "NodeConfig",
+]
 
 log = logging.getLogger(__name__)
 
@@ -954,3 +962,38 @@ def _read_ranges(config: StationConfig, instruments: Mapping[str, Instrument],
             if not lower < upper:
                 raise InstrumentError(f"instrument {name!r} reports an empty range [{lower:g}, {upper:g}] on channel {channel}")
             ranges[(name, channel)] = (lower, upper, float(table.resolution[i]), table.unit)
+
+
+def build_station_layers(path: str | Path, n_features: int, n_classes: int) -> list[InstrumentNode]:
+    """Load a station file and return its nodes as the physical layers of a network.
+
+    This is what ``pnn train --station FILE`` calls. The first node must take ``n_features``
+    inputs and the last must give ``n_classes`` outputs. Closing the first node applies the
+    station's safe state (nodes and extra outputs) and closes every instrument, so closing the
+    network releases the station.
+
+    Raises
+    ------
+    ConfigError
+        If the file has no nodes or the widths do not fit the dataset (nothing was written).
+    """
+    station = load_station(path)
+    try:
+        nodes = station.build_nodes()
+        if not nodes:
+            raise ConfigError(f"{station.path}: the station file has no [[nodes]] to train; add at least one")
+        if nodes[0].n_in != n_features:
+            raise ConfigError(
+                f"{station.path}: the first node {nodes[0].name!r} has {nodes[0].n_in} input channels, but the "
+                f"dataset has {n_features} features; map {n_features} input channels"
+            )
+        if nodes[-1].n_out != n_classes:
+            raise ConfigError(
+                f"{station.path}: the last node {nodes[-1].name!r} has {nodes[-1].n_out} output channels, but the "
+                f"dataset has {n_classes} classes; map {n_classes} output channels"
+            )
+    except BaseException:
+        station.close()
+        raise
+    nodes[0].add_close_callback(lambda: station.__exit__(None, None, None))
+    return nodes
