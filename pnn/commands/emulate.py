@@ -54,6 +54,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                          help="batch mode in the written station file (default buffered)")
         sub.add_argument("--transfer", choices=("binary", "ascii"), default="binary",
                          help="bulk transfer format in the written station file (default binary)")
+        sub.add_argument("--no-probes", action="store_true",
+                         help="leave the pre-activation probes out of the written station file")
         sub.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: run until Ctrl-C)")
         add_common_options(sub)
         sub.set_defaults(func=run)
@@ -93,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"identity: {emulator.identity}")
         print(hardware.describe_channels())
         if args.write_station:
-            path = emulator.write_station(args.write_station, mode=args.mode, transfer=args.transfer)
+            path = emulator.write_station(args.write_station, mode=args.mode, transfer=args.transfer,
+                                          probes=not args.no_probes)
             print(f"station file written to {path}")
         print("press Ctrl-C to stop", flush=True)
         if args.duration is not None:

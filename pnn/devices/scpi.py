@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
@@ -192,8 +193,13 @@ def parse_error(reply: str) -> tuple[int, str]:
 # ------------------------------------------------------------------------ channel lists
 def format_channel_list(channels: Sequence[int]) -> str:
     """Return a SCPI channel list, ``(@1:4,7)``, with runs of consecutive channels as ranges."""
+    return _format_channel_list(tuple(int(c) for c in channels))
+
+
+@functools.lru_cache(maxsize=256)
+def _format_channel_list(chans: tuple[int, ...]) -> str:
+    # Cached: nodes send the same few channel lists with every batch.
     parts = []
-    chans = [int(c) for c in channels]
     start = 0
     while start < len(chans):
         end = start

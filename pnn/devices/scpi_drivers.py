@@ -62,6 +62,7 @@ class ScpiInstrument(Instrument):
     driver_name = ""
     COMMANDS: ClassVar[dict[str, str]] = {
         **Instrument.COMMANDS,
+        "wait": "*OPC?",
         "format_set": "FORM {value}",
         "byte_order_set": "FORM:BORD NORM",
     }

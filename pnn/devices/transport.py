@@ -17,9 +17,9 @@ gives the same guarantees, whatever the link underneath:
   an earlier query is therefore never taken as the answer to the next one.
 - All traffic is logged at DEBUG level and optionally recorded (:mod:`pnn.devices.traffic`).
 
-Reads are done in chunks whose size starts at one byte and doubles while bytes arrive quickly,
-but is capped so that one chunk at the observed byte rate fits in the time left before the
-deadline. A fast instrument therefore needs only a few calls per reply, and a trickling one
+Reads are done in chunks whose size starts at one byte and grows eightfold while bytes arrive
+quickly, but is capped so that one chunk at the observed byte rate fits in the time left before
+the deadline. A fast instrument therefore needs only a few calls per reply, and a trickling one
 overruns the deadline by at most about one chunk of a few bytes.
 """
 
@@ -57,6 +57,9 @@ VISA_PREFIXES = ("TCPIP", "ASRL", "USB", "GPIB", "VXI", "PXI", "VICP")
 
 # Largest chunk requested from the link in one call, in bytes.
 _MAX_CHUNK = 1 << 20
+# Growth of the chunk size from one read call to the next while bytes arrive quickly: a
+# 4 kB reply takes five calls (1, 8, 64, 512, then the rest).
+_GROWTH = 8
 
 
 class ConnectionLost(InstrumentError):
@@ -332,10 +335,10 @@ class Transport(ABC):
 
     @staticmethod
     def _next_count(count: int, got: int, elapsed: float, remaining: float, limit: int) -> int:
-        """Size of the next chunk: double it while bytes come fast, fit the time left."""
+        """Size of the next chunk: grow it eightfold while bytes come fast, fit the time left."""
         rate = got / max(elapsed, 1e-6)
         by_time = int(rate * remaining / 2)
-        return max(1, min(2 * count, by_time, limit, _MAX_CHUNK))
+        return max(1, min(_GROWTH * count, by_time, limit, _MAX_CHUNK))
 
     def read_line(self, *, deadline_s: float | None = None) -> bytes:
         """Read one reply line and return it without the terminator.
@@ -603,6 +606,34 @@ class VisaTransport(Transport):
         except Exception:  # noqa: BLE001 - not every session type has this attribute
             pass
         self._termchar_enabled = True
+        self._disable_nagle(instrument)
+
+    def _disable_nagle(self, instrument: Any) -> None:
+        """Send small commands at once instead of waiting for the peer's acknowledgement.
+
+        With Nagle's algorithm on, the last segment of a multi-segment command waits for the
+        instrument's delayed acknowledgement (about 40 ms on Linux), which made a 1,000-value
+        ASCII upload ten times slower on loopback.
+        """
+        from pyvisa import constants
+
+        if not self.resource.upper().startswith("TCPIP"):
+            return
+        try:
+            instrument.set_visa_attribute(constants.VI_ATTR_TCPIP_NODELAY, True)
+            return
+        except Exception:  # noqa: BLE001 - fall back below when the backend rejects it
+            pass
+        # NOTE: pyvisa-py 0.8.1 lists VI_ATTR_TCPIP_NODELAY for SOCKET sessions but rejects
+        # setting it, so the option is set on its socket directly; other backends skip this.
+        import socket
+
+        sessions = getattr(instrument.visalib, "sessions", {})
+        sock = getattr(sessions.get(instrument.session), "interface", None)
+        if isinstance(sock, socket.socket):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            log.debug("%s: cannot switch Nagle's algorithm off for %s", self.name, self.resource)
 
     def _close(self) -> None:
         instrument, self._instrument = self._instrument, None

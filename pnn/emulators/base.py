@@ -323,6 +323,7 @@ class Emulator(ABC):
         max_step_levels: int = 16,
         gradient: str = "outer-product",
         record: str | None = None,
+        probes: bool = True,
         extra_instrument_lines: tuple[str, ...] = (),
     ) -> str:
         """Return a station file that drives every emulated layer as one node.
@@ -344,6 +345,8 @@ class Emulator(ABC):
             ``"outer-product"`` or ``"perturbation"``.
         record
             Optional traffic recording file, relative to the station file.
+        probes
+            Map each layer's pre-activation channels as a probe (read with every batch).
         extra_instrument_lines
             More ``key = value`` lines for the instrument table.
         """
@@ -387,10 +390,15 @@ class Emulator(ABC):
                 f'instrument = "{instrument}"',
                 f'channels = "{ch.first_output}:{ch.first_preactivation - 1}"',
                 "",
-                "[nodes.probes.preactivation]",
-                f'instrument = "{instrument}"',
-                f'channels = "{ch.first_preactivation}:{ch.first_preactivation + spec.n_out - 1}"',
-                "",
+            ]
+            if probes:
+                lines += [
+                    "[nodes.probes.preactivation]",
+                    f'instrument = "{instrument}"',
+                    f'channels = "{ch.first_preactivation}:{ch.first_preactivation + spec.n_out - 1}"',
+                    "",
+                ]
+            lines += [
                 "[nodes.parameters.weight]",
                 f'instrument = "{instrument}"',
                 f'channels = "{ch.first_weight}:{ch.first_bias - 1}"',
