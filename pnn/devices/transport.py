@@ -500,23 +500,33 @@ class Transport(ABC):
             self._needs_resync = True
             self.drain()
             if self._sync_query is not None and self._sync_reply is not None:
-                self.write_bytes(self._sync_query)
-                stop = time.monotonic() + self.settings.deadline_s
+                self._send_sync()
+            self._needs_resync = False
+            log.info("%s: link resynchronised", self.name)
+
+    def _send_sync(self, attempts: int = 2) -> None:
+        """Send the sync query and discard lines until its reply; retry once if it got lost."""
+        for attempt in range(1, attempts + 1):
+            self.write_bytes(self._sync_query)
+            stop = time.monotonic() + self.settings.deadline_s
+            try:
                 while True:
                     remaining = stop - time.monotonic()
                     if remaining <= 0:
-                        raise InstrumentTimeout(
-                            f"{self.name}: no reply to the resynchronisation query within "
-                            f"{self.settings.deadline_s:g} s; the instrument is not answering"
-                        )
+                        raise InstrumentTimeout(f"{self.name}: the resynchronisation reply did not come")
                     line = self.read_line(deadline_s=remaining)
                     if line.startswith(self._sync_reply):
-                        break
+                        return
                     self.stats.discarded_bytes += len(line)
                     self._record("discard", line)
-                    log.warning("%s: discarded a late reply %s while resynchronising", self.name, _show(line))
-            self._needs_resync = False
-            log.info("%s: link resynchronised", self.name)
+                    log.warning("%s: discarded a late or garbled reply %s while resynchronising", self.name, _show(line))
+            except InstrumentTimeout:
+                if attempt == attempts:
+                    raise InstrumentTimeout(
+                        f"{self.name}: no reply to the resynchronisation query {self._sync_query.strip()!r} "
+                        f"after {attempts} attempts; the instrument is not answering"
+                    ) from None
+                log.warning("%s: resynchronisation attempt %d got no reply; trying again", self.name, attempt)
 
     # ----------------------------------------------------------------------------- helpers
     def _check_open(self) -> None:

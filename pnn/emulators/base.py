@@ -161,6 +161,7 @@ class Emulator(ABC):
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.running = False
+        self._stopped = False
 
     # --------------------------------------------------------------------------- record
     def record_command(self, link: Link, command: bytes) -> CommandRecord:
@@ -272,7 +273,13 @@ class Emulator(ABC):
         """Start serving in background threads and return self."""
 
     def stop(self) -> None:
-        """Stop serving, close every connection and wait for the threads (at most 5 s)."""
+        """Stop serving, close every connection and wait for the threads (at most 5 s).
+
+        Stopping twice is allowed.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
         self._stop.set()
         self._close_links()
         current = threading.current_thread()

@@ -133,6 +133,7 @@ class EmulatedHardware:
             meter += 2 * spec.n_out
         self.lower = np.array(lower)
         self.upper = np.array(upper)
+        self._lower_list, self._upper_list = list(lower), list(upper)
         self.resolution = np.array(resolution)
         self.n_source = len(lower)
         self.n_meter = meter - 1
@@ -160,18 +161,22 @@ class EmulatedHardware:
 
     def set_levels(self, channels: Sequence[int], values: Sequence[float]) -> None:
         """Set levels; all are checked first, and none changes if one is out of range."""
+        # Plain Python: hosts mostly set one channel per command, where NumPy calls cost more
+        # than the work.
+        checked = []
         with self.lock:
-            index = self.check_source(channels)
-            values = np.asarray(values, dtype=np.float64)
-            tol = 1e-9 * (self.upper[index] - self.lower[index])
-            bad = ~np.isfinite(values) | (values < self.lower[index] - tol) | (values > self.upper[index] + tol)
-            if np.any(bad):
-                i = int(np.argmax(bad))
-                raise ChannelError(
-                    f"level {values[i]!r} out of range [{self.lower[index[i]]:g}, {self.upper[index[i]]:g}] "
-                    f"on channel {int(index[i]) + 1}", -222,
-                )
-            self.levels[index] = np.clip(values, self.lower[index], self.upper[index])
+            for channel, value in zip(channels, values):
+                index = int(channel) - 1
+                if not 0 <= index < self.n_source:
+                    raise ChannelError(f"source channel {channel} does not exist (1..{self.n_source})", -114)
+                lower, upper = self._lower_list[index], self._upper_list[index]
+                value = float(value)
+                tol = 1e-9 * (upper - lower)
+                if not lower - tol <= value <= upper + tol:
+                    raise ChannelError(f"level {value!r} out of range [{lower:g}, {upper:g}] on channel {channel}", -222)
+                checked.append((index, min(max(value, lower), upper)))
+            for index, value in checked:
+                self.levels[index] = value
 
     def get_levels(self, channels: Sequence[int]) -> np.ndarray:
         """Return present levels."""

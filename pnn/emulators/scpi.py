@@ -126,14 +126,15 @@ class _ScpiDevice:
         self.dwell_s = 0.0
         self.averages = 1
         self.buffer: np.ndarray | None = None
+        # The level command comes first: hosts send it most often.
         self.table: list[tuple[re.Pattern[bytes], Callable[[tuple[bytes, ...], bytes], bytes | None]]] = [
+            (_pattern("SOURce#:VOLTage"), self._set_level),
             (_pattern("*IDN?"), lambda g, a: self.emulator.identity.encode()),
             (_pattern("*CLS"), self._clear),
             (_pattern("*RST"), self._reset),
             (_pattern("*OPC?"), lambda g, a: b"1"),
             (_pattern("SYSTem:ERRor?"), self._error),
             (_pattern("SYSTem:ERRor:NEXT?"), self._error),
-            (_pattern("SOURce#:VOLTage"), self._set_level),
             (_pattern("SOURce#:VOLTage?"), self._get_level),
             (_pattern("SOURce#:VOLTage:RESolution?"), self._get_resolution),
             (_pattern("SOURce:SEQuence:CHANnel"), self._set_sequence_channels),

@@ -257,6 +257,8 @@ class SerialBoardEmulator(Emulator):
         os.write(self._wake_write, b"x")
 
     def stop(self) -> None:
+        if self._stopped:
+            return
         super().stop()
         if self.link_path is not None and self.link_path.is_symlink():
             self.link_path.unlink()
