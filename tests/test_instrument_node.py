@@ -67,7 +67,8 @@ def test_set_parameters_quantized_within_limits(node):
     rng = np.random.default_rng(1)
     request = rng.uniform(spec.lower_array, spec.upper_array)
     applied = node.set_parameters({"weight": request})["weight"]
-    assert np.all(applied >= spec.lower_array) and np.all(applied <= spec.upper_array)
+    assert np.all(applied >= spec.lower_array)
+    assert np.all(applied <= spec.upper_array)
     assert np.max(np.abs(applied - request)) <= spec.resolution / 2 + 1e-12
     np.testing.assert_array_equal(node.get_parameters()["weight"], applied)
 
@@ -230,7 +231,8 @@ def test_lost_connection_reconnects_on_next_exchange():
                 break
             except PnnError:
                 continue
-        assert outputs is not None and outputs.shape == (5, 4)
+        assert outputs is not None
+        assert outputs.shape == (5, 4)
         assert node.instruments["emulator"].reconnects >= 1
     finally:
         node.close()
@@ -310,7 +312,8 @@ def test_outer_product_matches_measured_perturbation(tmp_path):
 def test_outer_product_uses_preactivation_probe():
     node = emulated_node("scpi", 6, 4, seed=0, preset="ideal", timeout_s=1.0)
     try:
-        assert node.has_preactivation and node.has_input_gradient
+        assert node.has_preactivation
+        assert node.has_input_gradient
         node.set_parameters({"weight": np.random.default_rng(5).uniform(-1, 1, (4, 6))})
         x = _inputs(node, batch=6)
         node.forward(x)

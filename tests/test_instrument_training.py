@@ -67,7 +67,8 @@ def audit(emulator, station_path: Path) -> dict[str, int]:
     for _, channels, rows in emulator.sequences:
         lower = np.array([inputs[c][0] for c in channels])
         upper = np.array([inputs[c][1] for c in channels])
-        assert np.all(rows >= lower - 1e-6) and np.all(rows <= upper + 1e-6)
+        assert np.all(rows >= lower - 1e-6)
+        assert np.all(rows <= upper + 1e-6)
         checked["rows"] += rows.shape[0]
     assert not [entry for entry in emulator.commands() if entry.command.upper().startswith("*RST")]
     return checked

@@ -215,7 +215,8 @@ def test_ramp_path_never_exceeds_max_step(start, target_offsets, resolution, max
     np.testing.assert_array_equal(values[-1], target)
     lower = np.minimum(start_values, target)
     upper = np.maximum(start_values, target)
-    assert np.all(values >= lower - 1e-9) and np.all(values <= upper + 1e-9)
+    assert np.all(values >= lower - 1e-9)
+    assert np.all(values <= upper + 1e-9)
     if resolution:
         levels = (values - origin) / resolution
         assert np.all(np.abs(levels - np.round(levels)) < 1e-6)

@@ -138,7 +138,7 @@ class Instrument(ABC):
         self.reconnect_backoff_s = float(reconnect_backoff_s)
         #: The identification reply of the connected instrument.
         self.identity_: str | None = None
-        #: Incremented on every (re)connection, so nodes know to read their levels back.
+        #: Incremented on every (re)connection, which tells nodes to read their levels back.
         self.epoch = 0
         self.reconnects = 0
 
@@ -215,12 +215,12 @@ class Instrument(ABC):
             return self._identify_raw()
 
     def reconnect(self) -> None:
-        """Reopen the link and check that the same instrument answers; change no output.
+        """Reopen the link and check that the same instrument replies; change no output.
 
         Raises
         ------
         InstrumentError
-            If another instrument answers (the link is then closed).
+            If another instrument replies (the link is then closed).
         """
         transport = self.transport
         with transport.lock:

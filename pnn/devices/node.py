@@ -1,6 +1,6 @@
 """A node made of instrument channels: inputs and parameters on sources, outputs on meters.
 
-The node holds no model of the hardware beyond what the station file declares. Its limits come
+The node contains no model of the hardware beyond what the station file declares. Its limits come
 from the instruments (each channel's range and resolution) and were narrowed by the station;
 every write goes through the :class:`~pnn.nodes.ParameterSpec` checks and then through a ramp
 (:func:`~pnn.devices.scpi.ramp_path`), so no command leaves the limits and no step exceeds

@@ -140,7 +140,7 @@ def encode_block(payload: bytes) -> bytes:
     """Return an IEEE 488.2 definite-length block: ``#``, digit count, length, payload."""
     length = str(len(payload)).encode("ascii")
     if len(length) > 9:
-        raise ConfigError(f"a definite-length block holds at most 999999999 bytes, got {len(payload)}")
+        raise ConfigError(f"a definite-length block can carry at most 999999999 bytes, got {len(payload)}")
     return b"#" + str(len(length)).encode("ascii") + length + payload
 
 

@@ -39,7 +39,7 @@ __all__ = ["ScpiInstrument", "ScpiSource", "ScpiMeter", "ScpiSourceMeter", "TRAN
 
 log = logging.getLogger(__name__)
 
-#: How bulk data travels: ``"binary"`` as IEEE 488.2 blocks of REAL,32 or REAL,64 numbers, or
+#: Transfer formats of bulk data: ``"binary"`` as IEEE 488.2 blocks of REAL,32 or REAL,64 numbers, or
 #: ``"ascii"`` as comma-separated text.
 TRANSFERS = ("binary", "ascii")
 

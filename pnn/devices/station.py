@@ -177,7 +177,7 @@ def _channels(table: _Table, key: str = "channels") -> tuple[int, ...]:
             raise table.error(key, str(exc)) from None
     else:
         if not all(isinstance(c, int) and not isinstance(c, bool) for c in raw):
-            raise table.error(key, "a channel list holds whole numbers, for example [1, 2, 3] or \"1:3\"")
+            raise table.error(key, "a channel list contains whole numbers, for example [1, 2, 3] or \"1:3\"")
         channels = list(raw)
     if not channels:
         raise table.error(key, "the channel list is empty")
@@ -942,13 +942,13 @@ def load_station(path: str | Path, *, connect: bool = True) -> Station:
 
 def _read_ranges(config: StationConfig, instruments: Mapping[str, Instrument],
                  ranges: dict[tuple[str, int], tuple[float, float, float, str]]) -> None:
-    wanted: dict[str, list[int]] = {}
+    requested: dict[str, list[int]] = {}
     for node in config.nodes:
         for bank in [node.inputs, *node.parameters.values()]:
-            wanted.setdefault(bank.instrument, []).extend(bank.channels)
+            requested.setdefault(bank.instrument, []).extend(bank.channels)
     for output in config.safe_outputs:
-        wanted.setdefault(output.instrument, []).extend(output.channels)
-    for name, channels in wanted.items():
+        requested.setdefault(output.instrument, []).extend(output.channels)
+    for name, channels in requested.items():
         instrument = instruments[name]
         if not isinstance(instrument, Source):
             raise ConfigError(f"{config.path}: instrument {name!r} ({config.instruments[name].driver}) has no source channels to set")

@@ -5,7 +5,7 @@ gives the same guarantees, whatever the link underneath:
 
 - One re-entrant lock per instrument (:attr:`Transport.lock`) is held around every
   write-and-read exchange, so two threads sharing an instrument never read each other's replies.
-  A driver that needs several exchanges in a row holds :meth:`Transport.exchange` around them.
+  A driver that needs several exchanges in a row wraps them in :meth:`Transport.exchange`.
 - Every read has a timeout (``timeout_s``: the longest silence while waiting for bytes), and a
   line read also has an overall deadline (``deadline_s``), so an instrument that keeps sending
   bytes without ever sending the terminator cannot hang the run.
@@ -71,9 +71,9 @@ class TransportSettings:
     """Timing and framing of one instrument link."""
 
     timeout_s: float = 2.0
-    """Longest silence allowed while waiting for bytes of a reply, in seconds."""
+    """Maximum silence while waiting for bytes of a reply, in seconds."""
     deadline_s: float = 10.0
-    """Longest time one line read may take in total, even while bytes keep arriving, in seconds."""
+    """Maximum total time of one line read, even while bytes keep arriving, in seconds."""
     min_rate: float = 1000.0
     """Slowest transfer rate accepted for a fixed-length read, in bytes per second; reading n
     bytes may take ``deadline_s + n / min_rate`` seconds."""
@@ -84,7 +84,7 @@ class TransportSettings:
     drain_quiet_s: float = 0.05
     """Silence that ends the draining of stale bytes after a timeout, in seconds."""
     drain_max_s: float = 2.0
-    """Longest time spent draining stale bytes, in seconds."""
+    """Maximum time spent draining stale bytes, in seconds."""
     encoding: str = "ascii"
     """Text encoding of commands and replies."""
 
@@ -347,8 +347,8 @@ class Transport(ABC):
         ------
         InstrumentTimeout
             If no byte arrives for ``timeout_s``, or the line does not end within the deadline.
-            When bytes arrived but no terminator, the message says that the terminator looks
-            wrong and shows the bytes.
+            When bytes arrived but no terminator, the message states that the terminator
+            looks wrong and shows the bytes.
         ConnectionLost
             If the link broke.
         """
@@ -487,7 +487,7 @@ class Transport(ABC):
 
         Drains stale bytes, then, when a sync query is set, sends it and discards every line
         before its reply. Any late reply to an earlier query arrives before that reply, because
-        an instrument answers queries in order.
+        an instrument replies to queries in order.
 
         Raises
         ------

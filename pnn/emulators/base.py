@@ -1,4 +1,4 @@
-"""What both emulators share: the command record, faulty replies, framing and station files.
+"""Parts shared by both emulators: the command record, faulty replies, framing and station files.
 
 An emulator runs in background threads (:meth:`Emulator.start`, :meth:`Emulator.stop`), so
 tests use it in-process; the ``pnn emulate`` command runs the same class until Ctrl-C.

@@ -457,7 +457,7 @@ class ScpiEmulator(Emulator):
             link.drop()
 
     def drop_connections(self) -> None:
-        """Close every open connection now (the host sees a lost connection)."""
+        """Close every open connection now, so the host gets a lost connection."""
         with self._links_lock:
             links = list(self._links)
         for link in links:

@@ -33,7 +33,7 @@ __all__ = ["SerialBoardEmulator"]
 
 log = logging.getLogger(__name__)
 
-# Longest time a reply may wait for the host to read before it is dropped, in seconds.
+# Maximum time a reply waits for the host to read it before it is dropped, in seconds.
 _WRITE_STALL_S = 2.0
 
 
