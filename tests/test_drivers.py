@@ -172,7 +172,7 @@ def test_batch_short_reply_is_a_measurement_error():
     x = np.zeros((2, 1))
     line = (
         b"FORM ASC;:SOUR:SEQ:CHAN (@1);:SENS:CHAN (@3);:SOUR:SEQ:DWEL 0.0;:SENS:AVER:COUN 1;"
-        b":SOUR:SEQ:DATA 0,0;:INIT;*OPC?\n"
+        b":SOUR:SEQ:DATA 0.0,0.0;:INIT;*OPC?\n"
     )
     transport = ReplayTransport([
         Exchange(b"*IDN?\n", IDN.encode() + b"\n"),

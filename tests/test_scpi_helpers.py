@@ -221,3 +221,9 @@ def test_ramp_path_never_exceeds_max_step(start, target_offsets, resolution, max
         levels = (values - origin) / resolution
         assert np.all(np.abs(levels - np.round(levels)) < 1e-6)
     assert math.isfinite(float(values.sum()))
+
+
+def test_parse_values_rejects_digit_group_underscores():
+    # float() accepts "1_0" as 10; no instrument sends that, so it is a garbled reply.
+    with pytest.raises(MeasurementError, match="'1_0'"):
+        parse_values("0.5,1_0", where="meter")

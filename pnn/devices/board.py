@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import ConfigError, InstrumentError
 from .instrument import BatchRunner, ChannelRanges, Instrument, Meter, Source, register_driver
-from .scpi import decode_values, encode_block, encode_values, format_number, parse_values, read_block
+from .scpi import decode_values, encode_block, encode_values, format_number, format_numbers, parse_values, read_block
 from .transport import Transport
 
 __all__ = ["SerialBoard", "BOARD_ERRORS", "BOARD_BINARY_FORMAT"]
@@ -211,7 +211,7 @@ class SerialBoard(Instrument, Source, Meter, BatchRunner):
                 values = decode_values(block, BOARD_BINARY_FORMAT, where=where, overrange=self.overrange,
                                        little_endian=True, expected=expected)
             else:
-                data = ",".join(format_number(v) for v in inputs.ravel())
+                data = format_numbers(inputs)
                 link.write(self.command("run_ascii", rows=rows, data=data))
                 text = self._reply(link.read_line(), "running the batch")
                 values = parse_values(text, where=where, overrange=self.overrange, expected=expected)

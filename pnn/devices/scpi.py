@@ -42,6 +42,7 @@ __all__ = [
     "Setting",
     "ramp_path",
     "format_number",
+    "format_numbers",
     "format_channel_list",
     "parse_channel_list",
     "BINARY_FORMATS",
@@ -59,6 +60,11 @@ _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^[+-]?(nan|inf|in
 
 
 # ------------------------------------------------------------------------------ numbers
+def format_numbers(values: np.ndarray) -> str:
+    """Format many floats as comma-separated text that round-trips (``1.0`` keeps its ``.0``)."""
+    return ",".join(map(repr, np.asarray(values, dtype=np.float64).ravel().tolist()))
+
+
 def format_number(value: float) -> str:
     """Format a float for a command: shortest text that round-trips, no exponent for common sizes."""
     value = float(value)
@@ -87,11 +93,22 @@ def parse_values(text: str, *, where: str, overrange: float = OVERRANGE, expecte
     MeasurementError
         If a field is not a number or the count is wrong (a garbled or cut-off reply).
     """
-    fields = [item.strip() for item in text.strip().split(",")] if text.strip() else []
-    for item in fields:
-        if not _NUMBER.match(item):
-            raise MeasurementError(f"{where}: reply {text[:80]!r} contains {item[:20]!r}, which is not a number")
-    values = np.array([float(item) for item in fields], dtype=np.float64)
+    stripped = text.strip()
+    fields = stripped.split(",") if stripped else []
+    try:
+        # Fast path: NumPy converts the fields the way float() does. float() also accepts
+        # digit-group underscores, which no instrument sends, so text with one takes the
+        # strict path below.
+        if "_" in stripped:
+            raise ValueError(stripped)
+        values = np.array(fields, dtype=np.float64)
+    except ValueError:
+        for item in fields:
+            if not _NUMBER.match(item.strip()):
+                raise MeasurementError(
+                    f"{where}: reply {text[:80]!r} contains {item.strip()[:20]!r}, which is not a number"
+                ) from None
+        values = np.array([float(item) for item in fields], dtype=np.float64)
     if expected is not None and values.size != expected:
         raise MeasurementError(f"{where}: expected {expected} value(s), got {values.size} in {text[:80]!r}")
     return mark_overrange(values, overrange)

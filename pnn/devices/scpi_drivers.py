@@ -29,6 +29,7 @@ from .scpi import (
     encode_values,
     format_channel_list,
     format_number,
+    format_numbers,
     parse_error,
     parse_values,
     read_block,
@@ -196,7 +197,7 @@ class ScpiInstrument(Instrument):
     def _encode_data(self, values: np.ndarray) -> str | bytes:
         if self.transfer == "binary":
             return encode_block(encode_values(values.ravel(), self.binary_format))
-        return ",".join(format_number(v) for v in values.ravel())
+        return format_numbers(values)
 
     def _read_data(self, link: Transport, *, where: str, expected: int) -> np.ndarray:
         if self.transfer == "binary":
