@@ -19,7 +19,8 @@ from pnn.devices import ScpiSourceMeter, TransportSettings, VisaTransport
 from pnn.emulators import EmulatedHardware, FaultConfig, LayerSpec, ScpiEmulator, emulated_node, parse_layers
 from pnn.emulators.base import split_commands, split_messages
 from pnn.emulators.faults import parse_fault_rates
-from pnn.errors import ConfigError, InstrumentTimeout, MeasurementError
+from pnn.devices import ConnectionLost
+from pnn.errors import ConfigError, InstrumentTimeout, MeasurementError, PnnError
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = TransportSettings(timeout_s=0.3, deadline_s=0.6)
@@ -219,3 +220,68 @@ def test_devices_command_bad_station_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert "not found" in err[0]
+
+
+def test_slow_period_delays_replies():
+    node = emulated_node("scpi", 3, 2, seed=0, timeout_s=1.0, faults=FaultConfig(slow_latency_s=0.15))
+    try:
+        instrument = node.instruments["emulator"]
+        start = time.monotonic()
+        instrument.identify()
+        fast = time.monotonic() - start
+        node.emulator.inject("slow", slow_s=1.0)
+        instrument.identify()
+        start = time.monotonic()
+        instrument.identify()
+        slow = time.monotonic() - start
+        assert fast < 0.1
+        assert slow >= 0.15
+    finally:
+        node.close()
+
+
+def test_disconnect_fault_then_automatic_reconnect():
+    node = emulated_node("scpi", 3, 2, seed=0, timeout_s=0.3, deadline_s=0.6)
+    try:
+        node.emulator.inject("disconnect")
+        with pytest.raises(PnnError):
+            node.forward(np.zeros((4, 3)))
+        outputs = None
+        for _ in range(3):
+            try:
+                outputs = node.forward(np.zeros((4, 3)))
+                break
+            except PnnError:
+                continue
+        assert outputs is not None
+        assert node.emulator.faults.counts["disconnect"] == 1
+        assert node.instruments["emulator"].reconnects >= 1
+    finally:
+        node.close()
+
+
+class _FakePort:
+    def __init__(self, device, vid, pid, serial_number):
+        self.device, self.vid, self.pid, self.serial_number = device, vid, pid, serial_number
+
+
+def test_serial_adapter_found_by_usb_identity(tmp_path, monkeypatch):
+    from serial.tools import list_ports
+
+    from pnn.devices import SerialBoard, SerialOptions, SerialTransport, UsbIdentity
+    from pnn.emulators import SerialBoardEmulator
+
+    hardware = EmulatedHardware([LayerSpec(3, 2, "tanh")])
+    with SerialBoardEmulator(hardware) as emulator:
+        ports = [_FakePort("/dev/ttyUSB7", 0x1234, 0x5678, "OTHER"),
+                 _FakePort(emulator.device_path, 0x2341, 0x8036, "SN0001")]
+        monkeypatch.setattr(list_ports, "comports", lambda: ports)
+        usb = UsbIdentity(vid=0x2341, pid=0x8036, serial_number="SN0001")
+        transport = SerialTransport("/dev/ttyACM-old-path", FAST, name="board", options=SerialOptions(usb=usb))
+        board = SerialBoard(transport, name="board")
+        assert board.connect() == emulator.identity
+        board.close()
+        missing = SerialTransport("/dev/ttyACM0", FAST, name="board",
+                                  options=SerialOptions(usb=UsbIdentity(vid=0x9999)))
+        with pytest.raises(ConnectionLost, match="no serial port with USB identity"):
+            missing.open()
