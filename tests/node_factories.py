@@ -17,7 +17,6 @@ from pnn.simulators.crossbar import CROSSBAR_PRESETS, CrossbarNode
 from pnn.simulators.resistive import RESISTIVE_PRESETS, ResistiveNode
 
 
-
 def _crossbar_twin(node: Node) -> DigitalTwin:
     """Return the twin of a quick calibration of ``node``."""
     return Calibrator(sweep=Sweep(points=24, repeats=2), holdout=0.0).fit(node, progress=False).twin_
@@ -42,3 +41,15 @@ NODE_FACTORIES: dict[str, Callable[[], Node]] = {
     "calibration-corrected": lambda: CalibratedNode(CrossbarNode(6, 4, rng=0, name="xbar"), gain=[1.1, 0.9, 1.0, 1.2], offset=0.05),
     "calibration-output-drift": lambda: OutputDrift(CrossbarNode(6, 4, rng=0, name="xbar"), gain_rate=1e-3, offset_rate=-1e-3),
 }
+
+# Instrument nodes on emulators, through the real pyvisa-py and pyserial code paths. Closing
+# the node applies its safe state, closes the station and stops its emulator.
+from pnn.emulators import emulated_node  # noqa: E402
+
+NODE_FACTORIES.update({
+    "instrument-scpi": lambda: emulated_node("scpi", 6, 4, seed=0, timeout_s=2.0),
+    "instrument-serial": lambda: emulated_node("serial", 6, 4, seed=0, transfer="ascii", timeout_s=2.0),
+    "instrument-scpi-point-perturbation": lambda: emulated_node(
+        "scpi", 6, 4, seed=0, mode="point", gradient="perturbation", timeout_s=2.0
+    ),
+})
