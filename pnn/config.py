@@ -64,6 +64,20 @@ class TrainConfig:
     """Device settings that override the preset, by field name; ``disabled`` lists stages to switch off."""
     station: str | None = None
     """Station file (TOML) describing instrument nodes; replaces the simulated device."""
+    calibrations: str | None = None
+    """Calibration store folder; by default ``calibrations/`` next to the station file (stations only)."""
+    calibration: str = "use"
+    """Calibration records of physical nodes: ``use`` the ones that exist, ``require`` one per node, or ``off``."""
+    allow_expired_calibration: bool = False
+    """Use an expired calibration record when no valid one exists (logged as a warning)."""
+    allow_identity_mismatch: bool = False
+    """Use a calibration record made for another device identity (logged as a warning)."""
+    twin_gradients: bool = False
+    """Compute the gradients of calibrated nodes through their digital twins (physics-aware training)."""
+    drift_check: int = 0
+    """Check calibrated nodes for drift every this many epochs; 0 never checks."""
+    drift_action: str = "recalibrate"
+    """Action when a drift check finds a node out of tolerance: ``recalibrate``, ``pause`` or ``warn``."""
     rule: str = "dfa"
     """Learning rule."""
     feedback: str = "random"
@@ -208,4 +222,12 @@ def resolve_config(config: TrainConfig, *, lr_scale: float = 1.0) -> TrainConfig
             raise ConfigError(f"{key} must be at least 1, got {value}")
     if config.encoder not in ("standard", "minmax", "none"):
         raise ConfigError(f"unknown encoder {config.encoder!r}; choose standard, minmax or none")
+    # The same names as pnn.calibration's CALIBRATION_MODES and DRIFT_ACTIONS, which this light
+    # module does not import.
+    if config.calibration not in ("require", "use", "off"):
+        raise ConfigError(f"unknown calibration mode {config.calibration!r}; choose require, use or off")
+    if config.drift_action not in ("recalibrate", "pause", "warn"):
+        raise ConfigError(f"unknown drift action {config.drift_action!r}; choose recalibrate, pause or warn")
+    if config.drift_check < 0:
+        raise ConfigError(f"drift_check must be a number of epochs >= 0, got {config.drift_check}")
     return config

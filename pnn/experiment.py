@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as _dt
 import inspect
 import itertools
+import json
 import logging
 import platform
 import time
@@ -115,6 +116,28 @@ def _plot_curves(run: RunDir) -> None:
     plot_training_curves(run.read_metrics(), run.path / "curves.png")
 
 
+def _uses_calibrations(config: TrainConfig) -> bool:
+    """True when the run looks up or makes calibration records (stations, or when asked)."""
+    if config.calibration == "off":
+        return False
+    return bool(config.station or config.calibrations or config.twin_gradients or config.drift_check)
+
+
+def _prepare_calibrations(network: PhysicalNetwork, config: TrainConfig, run: RunDir | None) -> Any:
+    """Look up and apply the network's calibrations; a resumed run keeps the ones it started with."""
+    from .calibration import CalibrationStore  # noqa: PLC0415 - SciPy loads only when needed
+    from .calibration.training import CALIBRATION_FILE, prepare_calibrations  # noqa: PLC0415
+
+    if run is None:
+        return prepare_calibrations(network, config)
+    path = run.path / CALIBRATION_FILE
+    pinned = None
+    if path.exists():
+        used = json.loads(path.read_text(encoding="utf-8"))
+        pinned = {name: entry.get("record") for name, entry in used.get("nodes", {}).items()}
+    return prepare_calibrations(network, config, pinned=pinned, pinned_store=CalibrationStore(run.path / "calibrations"))
+
+
 def train(
     config: TrainConfig | None = None,
     *,
@@ -152,6 +175,17 @@ def train(
         config.dataset, config.data_dir, download=config.download, n_train=config.n_train, n_test=config.n_test
     )
     network, factory = build_network(config, dataset)
+    calibrations = None
+    if _uses_calibrations(config):
+        try:
+            calibrations = _prepare_calibrations(network, config, run)
+        except BaseException:
+            # A refused record stops the run before it starts; the instruments go safe first.
+            network.apply_safe_state()
+            network.close()
+            raise
+        network = calibrations.network
+        callbacks = [*(callbacks or []), *calibrations.callbacks]
     rule = make_rule_for(config)
     rule.check(network)
     if run is None:
@@ -164,7 +198,11 @@ def train(
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             },
         )
-        run.write_identity({"nodes": network.identity(), "rule": rule.describe()})
+        identity = {"nodes": network.identity(), "rule": rule.describe()}
+        if calibrations is not None:
+            calibrations.finish_setup(run.path)
+            identity["calibrations"] = calibrations.hashes()
+        run.write_identity(identity)
 
     controller = PhysicalNoProp(
         network, rule,
@@ -205,6 +243,8 @@ def train(
         "wall_seconds": time.perf_counter() - started,
         "run_dir": str(run.path),
     }
+    if calibrations is not None:
+        summary["calibrations"] = calibrations.hashes()
     run.write_summary(summary)
     _plot_curves(run)
     return summary

@@ -49,6 +49,37 @@ DRIFT_ACTIONS = ("recalibrate", "pause", "warn")
 _UNBOUNDED_INPUT = 1e6
 
 
+def _output_span(node: CalibratedNode) -> np.ndarray:
+    """Return each channel's output span over its calibrated stimulus range, array of shape (n_out,).
+
+    This is a property of the device, unlike the spread of the present readings, which is small
+    while the weights are small and would make a fixed offset look like a large drift.
+    """
+    spans = []
+    for channel in node.baseline.fit.channels:
+        grid = np.linspace(channel.stimulus_range[0], channel.stimulus_range[1], 65)
+        values = channel.predict(grid)
+        spans.append(float(np.max(values) - np.min(values)))
+    # A flat channel gets the span of the widest one, so its tolerance is not zero.
+    widest = max(max(spans), 1e-12)
+    return np.array([span if span > 0 else widest for span in spans]) * np.abs(node.gain)
+
+
+def _trusted(node: CalibratedNode, stimulus: np.ndarray) -> np.ndarray:
+    """Return where the baseline twin's prediction is trusted, array of shape (n, n_out) of bool.
+
+    A fitted curve is trusted inside the stimulus range it was fitted on. Training moves the
+    weights, so check inputs can reach stimuli beyond that range, where a saturating curve's
+    extrapolation error would read as drift. A straight line is taken to hold everywhere.
+    """
+    fit = node.baseline.fit
+    if fit.model == "linear":
+        return np.ones(stimulus.shape, dtype=bool)
+    lower = np.array([channel.stimulus_range[0] for channel in fit.channels])
+    upper = np.array([channel.stimulus_range[1] for channel in fit.channels])
+    return (stimulus >= lower) & (stimulus <= upper)
+
+
 class TrainingPaused(PnnError):
     """Training stopped because a node drifted out of tolerance and the monitor is set to pause."""
 
@@ -67,8 +98,8 @@ class DriftMonitor:
     gain_tolerance
         Largest accepted gain drift on any channel, relative (0.05 is 5 %).
     offset_tolerance
-        Largest accepted offset drift on any channel, relative to the rms spread of the node's
-        predicted readings over the check inputs.
+        Largest accepted offset drift on any channel, relative to the span of the channel's
+        output over its calibrated stimulus range (0.05 is 5 % of that span).
     action
         ``"recalibrate"``, ``"pause"`` or ``"warn"`` (see :data:`DRIFT_ACTIONS`).
     sweep
@@ -157,59 +188,67 @@ class DriftMonitor:
         dict
             Per channel: ``gain`` (slope minus 1) and ``offset`` (mean difference, in the output
             unit), with their standard errors ``gain_error`` and ``offset_error``. For the node:
-            ``scale``, the rms spread of the predicted readings, ``rms``, the rms difference,
+            ``span``, the output span of each channel over its calibrated range, ``rms``, the
+            rms difference,
             and ``exceeded``, the reasons to act (empty when within tolerance). A channel
-            without a usable slope has a NaN gain.
+            with fewer than 3 trusted points has NaN gain and offset, and one without a usable
+            slope has a NaN gain.
         """
         x = self._inputs_for(node)
         raw = node.node.forward(x)
         applied = node.node.measure_state().inputs
-        expected = node.uncorrect(node.baseline.predict(applied, node.node.get_parameters()))
+        stimulus = node.baseline.stimulus(applied, node.node.get_parameters())
+        expected = node.uncorrect(node.baseline.fit.predict(stimulus))
+        trusted = _trusted(node, stimulus)
 
+        span = _output_span(node)
         scale = float(np.sqrt(np.mean((expected - expected.mean(axis=0)) ** 2)))
         difference = raw - expected
-        offset = np.nanmean(difference, axis=0)
-        spread = expected - expected.mean(axis=0)
         gain = np.full(node.n_out, np.nan)
         gain_error = np.full(node.n_out, np.nan)
+        offset = np.full(node.n_out, np.nan)
         offset_error = np.full(node.n_out, np.nan)
         for k in range(node.n_out):
-            valid = np.isfinite(raw[:, k])
-            n_valid = int(np.count_nonzero(valid))
-            if n_valid < 3:
+            use = np.isfinite(raw[:, k]) & trusted[:, k]
+            n_use = int(np.count_nonzero(use))
+            if n_use < 3:
                 continue
-            offset_error[k] = float(np.std(difference[valid, k], ddof=1)) / np.sqrt(n_valid)
-            variance = float(np.sum(spread[valid, k] ** 2))
+            offset[k] = float(np.mean(difference[use, k]))
+            offset_error[k] = float(np.std(difference[use, k], ddof=1)) / np.sqrt(n_use)
+            spread = expected[use, k] - expected[use, k].mean()
+            variance = float(np.sum(spread**2))
             # A channel whose prediction hardly changes over the check inputs carries no slope.
-            if variance <= n_valid * (0.1 * scale) ** 2:
+            if variance <= n_use * (0.1 * scale) ** 2:
                 continue
-            slope = float(np.sum(spread[valid, k] * (raw[valid, k] - raw[valid, k].mean())) / variance)
-            residual = raw[valid, k] - raw[valid, k].mean() - slope * spread[valid, k]
+            centred = raw[use, k] - raw[use, k].mean()
+            slope = float(np.sum(spread * centred) / variance)
             gain[k] = slope - 1.0
-            gain_error[k] = float(np.sqrt(np.sum(residual**2) / (n_valid - 2) / variance))
+            gain_error[k] = float(np.sqrt(np.sum((centred - slope * spread) ** 2) / (n_use - 2) / variance))
 
         # A drift counts when it passes the tolerance by more than three of its standard errors,
         # so read noise on a short check does not trigger recalibrations.
         reasons = []
-        gain_excess = np.abs(gain) - np.maximum(self.gain_tolerance, 3 * gain_error)
+        with np.errstate(invalid="ignore"):
+            gain_excess = np.abs(gain) - np.maximum(self.gain_tolerance, 3 * gain_error)
+            offset_excess = np.abs(offset) - np.maximum(self.offset_tolerance * span, 3 * offset_error)
         if np.any(gain_excess > 0):
             k = int(np.nanargmax(gain_excess))
             reasons.append(f"gain of channel {k} drifted by {gain[k]:+.3f} (tolerance +-{self.gain_tolerance:g})")
-        offset_excess = np.abs(offset) - np.maximum(self.offset_tolerance * scale, 3 * offset_error)
-        if scale > 0 and np.any(offset_excess > 0):
+        if np.any(offset_excess > 0):
             k = int(np.nanargmax(offset_excess))
             unit = "" if node.output_unit in ("", "1") else f" {node.output_unit}"
             reasons.append(
-                f"offset of channel {k} drifted by {offset[k]:+.3g}{unit}, {abs(offset[k]) / scale:.3f} of the "
-                f"signal spread (tolerance {self.offset_tolerance:g})"
+                f"offset of channel {k} drifted by {offset[k]:+.3g}{unit}, {abs(offset[k]) / span[k]:.3f} of its "
+                f"calibrated output span (tolerance {self.offset_tolerance:g})"
             )
         return {
             "gain": [float(v) for v in gain],
             "gain_error": [float(v) for v in gain_error],
             "offset": [float(v) for v in offset],
             "offset_error": [float(v) for v in offset_error],
-            "scale": scale,
+            "span": [float(v) for v in span],
             "rms": float(np.sqrt(np.nanmean(difference**2))),
+            "trusted_points": [int(v) for v in trusted.sum(axis=0)],
             "exceeded": reasons,
         }
 

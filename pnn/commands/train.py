@@ -65,6 +65,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                           help="override one device setting, for example read_noise_std=0.05 or disabled=dac,adc; repeatable")
     hardware.add_argument("--station", metavar="FILE", help="station file (TOML) of instrument nodes to train instead of a simulator")
 
+    calibration = parser.add_argument_group("calibration")
+    calibration.add_argument("--calibrations", metavar="DIR",
+                             help="calibration store folder (default: calibrations/ next to the station file)")
+    calibration.add_argument("--calibration", choices=("use", "require", "off"),
+                             help="calibration records of physical nodes: use the ones that exist, require one per "
+                                  "node, or off (default: use)")
+    calibration.add_argument("--allow-expired-calibration", action="store_true", default=None,
+                             help="use an expired calibration record when no valid one exists (logged)")
+    calibration.add_argument("--allow-identity-mismatch", action="store_true", default=None,
+                             help="use a calibration record made for another device identity (logged)")
+    calibration.add_argument("--twin-gradients", action="store_true", default=None,
+                             help="compute the gradients of calibrated nodes through their digital twins")
+    calibration.add_argument("--drift-check", type=int, metavar="EPOCHS",
+                             help="check calibrated nodes for drift every EPOCHS epochs (default: 0, never)")
+    calibration.add_argument("--drift-action", choices=("recalibrate", "pause", "warn"),
+                             help="what a drift check does when a node is out of tolerance (default: recalibrate)")
+
     learning = parser.add_argument_group("learning")
     learning.add_argument("--rule", metavar="NAME", help=f"learning rule: {', '.join(RULE_NAMES)} (default: dfa)")
     learning.add_argument("--feedback", choices=FEEDBACK_NAMES, help="feedback path of the alignment rules (default: random)")
@@ -104,7 +121,8 @@ _FIELDS = (
     "dataset", "data_dir", "download", "n_train", "n_test", "device", "preset", "station", "rule",
     "feedback", "hidden", "activation", "epochs", "batch_size", "lr", "optimizer", "momentum",
     "weight_decay", "lr_schedule", "loss", "clip_updates", "seed", "out", "checkpoint_every",
-    "max_consecutive_invalid",
+    "max_consecutive_invalid", "calibrations", "calibration", "allow_expired_calibration", "allow_identity_mismatch",
+    "twin_gradients", "drift_check", "drift_action",
 )
 
 
