@@ -169,11 +169,19 @@ class Calibrator:
         self._resolve_model(node, reference)
         self.sweep_for(node).check(node)
 
-    def fit(self, node: Node, *, progress: bool = True, sleep: Callable[[float], None] = time.sleep) -> Calibrator:
+    def fit(
+        self,
+        node: Node,
+        *,
+        progress: bool = True,
+        leave_progress: bool = False,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> Calibrator:
         """Sweep ``node``, fit it and build its record and twin; return ``self``.
 
         Everything that can be checked without touching the node (settings, reference, model,
-        sweep ranges) is checked first.
+        sweep ranges) is checked first. ``progress``, ``leave_progress`` and ``sleep`` go to
+        :meth:`Sweep.run <pnn.calibration.sweep.Sweep.run>`.
 
         Raises
         ------
@@ -183,7 +191,7 @@ class Calibrator:
             If a fit fails; the message names the node, the channel and what to try.
         """
         self.check(node)
-        result = self.sweep_for(node).run(node, progress=progress, sleep=sleep)
+        result = self.sweep_for(node).run(node, progress=progress, leave_progress=leave_progress, sleep=sleep)
         return self.fit_sweep(node, result)
 
     def sweep_for(self, node: Node) -> Sweep:
@@ -259,7 +267,8 @@ class Calibrator:
                  self.fit_.summary()]
         if self.holdout_error_:
             rms = ", ".join(f"{v:.3g}" for v in self.holdout_error_["rms"])
-            lines.append(f"held-out rms error per channel ({self.holdout_error_['n_points']} point(s)): {rms} {self.fit_.output_unit}")
+            unit = "" if self.fit_.output_unit in ("", "1") else f" {self.fit_.output_unit}"
+            lines.append(f"held-out rms error per channel ({self.holdout_error_['n_points']} point(s)): {rms}{unit}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:

@@ -423,7 +423,9 @@ class TransferFit:
     def summary(self) -> str:
         """Return a table of the fitted parameters with their uncertainties and the fit quality."""
         model = get_model(self.model)
-        lines = [f"{model.formula}   (a in {self.stimulus_unit or '1'}, y in {self.output_unit or '1'})"]
+        units = [f"{label} in {unit}" for label, unit in (("a", self.stimulus_unit), ("y", self.output_unit))
+                 if unit not in ("", "1")]
+        lines = [model.formula + (f"   ({', '.join(units)})" if units else "")]
         header = "  ch " + "".join(f"{name:>22}" for name in model.parameter_names)
         header += f"{'rms':>10}{'R^2':>9}{'chi2/dof':>9}{'outliers':>9}"
         lines.append(header)
@@ -450,7 +452,8 @@ def _with_uncertainty(value: float, sigma: float) -> str:
     digits = max(0, 1 - int(math.floor(math.log10(sigma))))
     if digits > 8 or abs(value) >= 1e6:
         return f"{value:.4g} +- {sigma:.2g}"
-    return f"{value:.{digits}f} +- {sigma:.{digits}f}" if digits else f"{value:.0f} +- {sigma:.0f}"
+    # Adding 0.0 turns a value that rounds to -0 into 0, so no "-0.0000" is printed.
+    return f"{round(value, digits) + 0.0:.{digits}f} +- {sigma:.{digits}f}"
 
 
 def fit_transfer(

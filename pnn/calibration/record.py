@@ -407,7 +407,7 @@ class CalibrationRecord:
             lines.append(
                 f"  held-out: {self.holdout.get('n_points')} point(s), rms prediction error per channel "
                 + ", ".join(f"{v:.3g}" for v in rms)
-                + f" {self.units.get('output', '')}"
+                + ("" if self.units.get("output", "") in ("", "1") else f" {self.units['output']}")
             )
         return "\n".join(lines)
 

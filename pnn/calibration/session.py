@@ -53,6 +53,14 @@ class SessionOutcome:
     """The error of a failed node."""
 
 
+def _shown(path: Path) -> Path:
+    """Return ``path`` relative to the working directory when it lies inside it."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return path
+
+
 def _unit(unit: str) -> str:
     return "" if unit in ("", "1") else f" {unit}"
 
@@ -66,7 +74,8 @@ def describe_node(node: Node) -> list[str]:
             lines.append(f"  instrument  {instrument.get('name')}: {instrument.get('identity')} at {instrument.get('resource')}")
     spec = node.input_spec
     lines.append(f"  inputs      {node.n_in} channel(s) in {spec.range_text()}")
-    lines.append(f"  outputs     {node.n_out} channel(s){_unit(node.output_unit) or ' (dimensionless)'}")
+    unit = f" in {node.output_unit}" if _unit(node.output_unit) else " (dimensionless)"
+    lines.append(f"  outputs     {node.n_out} channel(s){unit}")
     for name, parameter in node.parameters.items():
         lines.append(f"  parameter   {name} {parameter.shape} in {parameter.range_text()}")
     return lines
@@ -148,10 +157,10 @@ class CalibrationSession:
         hold_levels = calibrator.sweep_for(node).hold_inputs(node)
         readings = np.array([node.forward(hold_levels[None, :])[0] for _ in range(self.live_readings)])
         self._print(f"  live        {self.live_readings} reading(s) at the hold input {np.round(hold_levels, 4).tolist()}:")
-        self._print("    channel " + "".join(f"{k:>10}" for k in range(node.n_out)))
-        self._print("    mean    " + "".join(f"{v:>10.4g}" for v in readings.mean(axis=0)))
+        self._print("    channel " + "".join(f"{k:>11}" for k in range(node.n_out)))
+        self._print("    mean    " + "".join(f" {v:>10.4g}" for v in readings.mean(axis=0)))
         if self.live_readings > 1:
-            self._print("    std     " + "".join(f"{v:>10.2g}" for v in readings.std(axis=0, ddof=1)))
+            self._print("    std     " + "".join(f" {v:>10.2g}" for v in readings.std(axis=0, ddof=1)))
 
     def _plot(self, node: Node, calibrator: Calibrator) -> Path | None:
         if self.plot_dir is None:
@@ -164,7 +173,7 @@ class CalibrationSession:
         self.plot_dir.mkdir(parents=True, exist_ok=True)
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         path = plot_calibration(calibrator, self.plot_dir / f"{node.name}-{stamp}.png")
-        self._print(f"  plot        {path}")
+        self._print(f"  plot        {_shown(path)}")
         return path
 
     def calibrate_node(self, node: Node, position: str = "") -> SessionOutcome:
@@ -182,7 +191,7 @@ class CalibrationSession:
                 settings = f" at {sweep.parameter_points} parameter setting(s){swept}" if sweep.parameters else ""
                 self._print(f"  sweep       {sweep.design} design, {sweep.points} input point(s){settings}")
                 started = time.perf_counter()
-                calibrator.fit(node, progress=self.progress)
+                calibrator.fit(node, progress=self.progress, leave_progress=True)
                 result = calibrator.sweep_result_
                 self._print(
                     f"  measured    {result.n_points} point(s) x {result.repeats} repeat(s) in "
@@ -210,7 +219,7 @@ class CalibrationSession:
                 self._print(f"  skipped: no record written for node {node.name!r}")
                 return SessionOutcome(node.name, "skipped", plot=plot)
             path = self.store.append(calibrator.record_)
-            self._print(f"  record      {path}")
+            self._print(f"  record      {_shown(path)}")
             self._print(f"  hash        {calibrator.record_.content_hash}")
             return SessionOutcome(node.name, "accepted", path, calibrator.record_.content_hash, plot)
 

@@ -212,6 +212,7 @@ class Sweep:
         node: Node,
         *,
         progress: bool = True,
+        leave_progress: bool = False,
         sleep: Callable[[float], None] = time.sleep,
     ) -> SweepResult:
         """Measure ``node`` over the sweep and return the result.
@@ -222,6 +223,8 @@ class Sweep:
             The node to measure; parameters the sweep changes are restored afterwards.
         progress
             Show a tqdm progress bar.
+        leave_progress
+            Keep the finished bar on the screen (an interactive session does).
         sleep
             Function that waits the settling time (tests pass a stand-in).
 
@@ -248,7 +251,7 @@ class Sweep:
         created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         log.info("node %r: sweeping %d point(s) x %d repeat(s)", node.name, n_points, self.repeats)
         bar = tqdm(total=n_points * self.repeats, unit="point", desc=f"sweep {node.name}", disable=not progress,
-                   leave=False, dynamic_ncols=True)
+                   leave=leave_progress, dynamic_ncols=True)
         try:
             with bar:
                 for s in setting_order:
@@ -304,8 +307,9 @@ class Sweep:
         return total / self.averages, applied
 
 
-def _unit_text(unit: str) -> str:
-    return "" if unit in ("", "1") else f" {unit}"
+def _unit_text(unit: str, prefix: str = " ") -> str:
+    """Return ``prefix + unit``, or nothing for a dimensionless quantity."""
+    return "" if unit in ("", "1") else f"{prefix}{unit}"
 
 
 @dataclass
@@ -462,15 +466,16 @@ class SweepResult:
             f"Sweep of node {self.node!r}, started {self.started}",
             f"  design {s['design']}, {self.n_points} point(s) x {self.repeats} repeat(s), "
             f"{s['averages']} average(s) per reading, settle {s['settle_s']:g} s, shuffled: {s['shuffle']}",
-            f"  inputs  {self.inputs.shape} in {self.input_unit}, range [{np.min(self.inputs):.4g}, {np.max(self.inputs):.4g}]",
-            f"  outputs {self.outputs.shape} in {self.output_unit}, {self.n_invalid} invalid reading(s)",
+            f"  inputs  {self.inputs.shape}, range [{np.min(self.inputs):.4g}, {np.max(self.inputs):.4g}]"
+            f"{_unit_text(self.input_unit)}",
+            f"  outputs {self.outputs.shape}{_unit_text(self.output_unit, ' in ')}, {self.n_invalid} invalid reading(s)",
         ]
         for name, value in self.swept_parameters.items():
-            lines.append(f"  swept parameter {name!r} in {self.parameter_units.get(name, '')}, "
-                         f"range [{np.min(value):.4g}, {np.max(value):.4g}]")
+            lines.append(f"  swept parameter {name!r}, range [{np.min(value):.4g}, {np.max(value):.4g}]"
+                         f"{_unit_text(self.parameter_units.get(name, ''))}")
         noise = self.noise_std()
         if noise is not None:
-            lines.append(f"  noise (std of repeats) per channel: {_format_values(noise)} {self.output_unit}")
+            lines.append(f"  noise (std of repeats) per channel: {_format_values(noise)}{_unit_text(self.output_unit)}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
