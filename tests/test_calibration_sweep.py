@@ -222,6 +222,19 @@ def test_summary_and_pretty_print():
     assert "10 points x 2 repeats" in repr(result)
 
 
+def test_node_pretty_print_shows_limits():
+    printed = []
+
+    class Printer:
+        def text(self, value):
+            printed.append(value)
+
+    ideal_crossbar()._repr_pretty_(Printer(), cycle=False)
+    assert printed[0].startswith("<CrossbarNode 'xbar': 4 -> 3")
+    assert "inputs     4 channel(s) in [-1, 1]" in printed[0]
+    assert "parameter  bias (3,) in [-1, 1]" in printed[0]
+
+
 def test_progress_bar_counts_readings(capsys):
     node = TransferNode("linear", np.array([[1.0, 0.0]]))
     Sweep(points=10, repeats=2).run(node, progress=True)

@@ -135,8 +135,6 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
     if not (math.isfinite(args.valid_for) and args.valid_for > 0):
         raise ConfigError(f"--valid-for must be a positive number of hours, got {args.valid_for}")
-    if args.station is None and (args.nodes is not None and args.device is None):
-        raise ConfigError("--node needs --station")
     if args.sweep_parameters and args.no_parameter_sweep:
         raise ConfigError("--sweep-parameter and --no-parameter-sweep contradict each other; give one")
     explicit_ranges = dict(parse_parameter_range(text) for text in args.sweep_parameters or [])
