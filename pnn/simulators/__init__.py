@@ -16,6 +16,8 @@ import numpy as np
 from ..errors import ConfigError
 from ..nodes import Node
 from .crossbar import CROSSBAR_PRESETS, STAGES, CrossbarConfig, CrossbarNode, crossbar_preset
+from .diffractive import DIFFRACTIVE_PRESETS, DiffractiveConfig, DiffractiveNode, diffractive_preset
+from .mzi import MZI_PRESETS, MziConfig, MziNode, build_unitary, decompose, mzi_preset
 
 __all__ = [
     "DeviceKind",
@@ -27,6 +29,16 @@ __all__ = [
     "CROSSBAR_PRESETS",
     "STAGES",
     "crossbar_preset",
+    "MziConfig",
+    "MziNode",
+    "MZI_PRESETS",
+    "mzi_preset",
+    "decompose",
+    "build_unitary",
+    "DiffractiveConfig",
+    "DiffractiveNode",
+    "DIFFRACTIVE_PRESETS",
+    "diffractive_preset",
 ]
 
 #: Builds one physical layer: (n_in, n_out, *, name, activation, config, rng, preset) -> Node.
@@ -111,5 +123,35 @@ register_device(
         description="analog crossbar of differential conductance pairs with DAC, read noise and ADC",
         presets=CROSSBAR_PRESETS,
         make_node=_make_crossbar,
+    )
+)
+
+
+def _make_mzi(n_in: int, n_out: int, *, name: str, activation: str, config: MziConfig,
+              rng: np.random.Generator, preset: str | None = None) -> MziNode:
+    return MziNode(n_in, n_out, activation=activation, config=config, rng=rng, name=name, preset=preset)
+
+
+register_device(
+    DeviceKind(
+        name="mzi",
+        description="rectangular mesh of Mach-Zehnder interferometers with balanced photodetection",
+        presets=MZI_PRESETS,
+        make_node=_make_mzi,
+    )
+)
+
+
+def _make_diffractive(n_in: int, n_out: int, *, name: str, activation: str, config: DiffractiveConfig,
+                      rng: np.random.Generator, preset: str | None = None) -> DiffractiveNode:
+    return DiffractiveNode(n_in, n_out, activation=activation, config=config, rng=rng, name=name, preset=preset)
+
+
+register_device(
+    DeviceKind(
+        name="diffractive",
+        description="SLM phase mask, angular-spectrum propagation and a camera with differential regions",
+        presets=DIFFRACTIVE_PRESETS,
+        make_node=_make_diffractive,
     )
 )
