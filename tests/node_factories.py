@@ -13,6 +13,8 @@ import numpy as np
 from pnn.network import DigitalLinear
 from pnn.nodes import Node
 from pnn.simulators.crossbar import CROSSBAR_PRESETS, CrossbarNode
+from pnn.simulators.diffractive import DIFFRACTIVE_PRESETS, DiffractiveNode
+from pnn.simulators.mzi import MZI_PRESETS, MziNode
 
 NODE_FACTORIES: dict[str, Callable[[], Node]] = {
     "crossbar-default": lambda: CrossbarNode(6, 4, rng=0, name="xbar"),
@@ -21,4 +23,16 @@ NODE_FACTORIES: dict[str, Callable[[], Node]] = {
         6, 4, rng=0, name="xbar", config=CROSSBAR_PRESETS["default"].replace(update_mode="stochastic")
     ),
     "digital-linear": lambda: DigitalLinear(6, 4, rng=0, name="fc", dtype=np.float64),
+    "mzi-default": lambda: MziNode(6, 4, rng=0, name="mesh"),
+    "mzi-ideal": lambda: MziNode(6, 4, rng=0, name="mesh", config=MZI_PRESETS["ideal"]),
+    "mzi-perturbation": lambda: MziNode(
+        6, 4, rng=0, name="mesh", config=MZI_PRESETS["default"].replace(gradient_method="perturbation")
+    ),
+    "mzi-no-wrap": lambda: MziNode(6, 4, rng=0, name="mesh", config=MZI_PRESETS["default"].replace(phase_wrap=False)),
+    "diffractive-default": lambda: DiffractiveNode(6, 4, rng=0, name="slm"),
+    "diffractive-ideal": lambda: DiffractiveNode(6, 4, rng=0, name="slm", config=DIFFRACTIVE_PRESETS["ideal"]),
+    "diffractive-perturbation": lambda: DiffractiveNode(
+        6, 4, rng=0, name="slm",
+        config=DIFFRACTIVE_PRESETS["default"].replace(gradient_method="perturbation", slm_pixels=8),
+    ),
 }

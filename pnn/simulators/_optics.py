@@ -92,11 +92,21 @@ def phase_spec(shape: tuple[int, ...], levels: int | None, max_step: float, desc
 
 def wrap_phase(values: np.ndarray, resolution: float) -> np.ndarray:
     """Return phases wrapped into [0, 2 pi), on the grid ``k * resolution`` when it is positive."""
-    wrapped = np.mod(values, TWO_PI)
-    if resolution > 0:
-        levels = round(TWO_PI / resolution)
-        wrapped = np.mod(np.round(wrapped / resolution), levels) * resolution
-    return wrapped
+    array = np.ascontiguousarray(values, dtype=FLOAT)
+    levels = round(TWO_PI / resolution) if resolution > 0 else 0
+    return _wrap_kernel(array.ravel(), float(resolution), levels).reshape(array.shape)
+
+
+@njit(cache=True)
+def _wrap_kernel(values, resolution, levels):
+    """Wrap flat phases into [0, 2 pi) and, when levels > 0, round them to the phase grid."""
+    out = np.empty_like(values)
+    for i in range(values.shape[0]):
+        v = values[i] % TWO_PI
+        if levels > 0:
+            v = (np.round(v / resolution) % levels) * resolution
+        out[i] = v
+    return out
 
 
 def perturbation_codes(n_params: int, samples: int | None, rng: np.random.Generator) -> np.ndarray:

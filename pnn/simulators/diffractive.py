@@ -31,9 +31,11 @@ to [0, ``full_well_e``]) and ``quantization`` (``bit_depth``-bit ADC steps of
 inputs and the mask. With every stage off, the node is its ideal model.
 
 Because the layer is linear in the field, the camera field for any input is a sum of one field
-per input region; those fields (the transfer matrix, restricted to the camera regions) are
-recomputed only when the phases change, so a forward pass costs n_in + bias_regions propagations
-per phase change instead of one per example.
+per input region. Propagation from the mask to the output-region pixels is a fixed matrix (the
+impulse response of the angular-spectrum transfer function, computed once), so a phase change
+costs one small matrix product, and a forward pass one product of the inputs with the per-region
+fields followed by the camera model. :meth:`DiffractiveNode.camera_fields` still propagates the
+whole window by FFT, for inspection.
 """
 
 from __future__ import annotations
@@ -248,31 +250,36 @@ def required_slm_pixels(n_inputs: int, n_regions: int, region_pixels: int) -> in
 
 # --------------------------------------------------------------------------------- kernels
 @njit(cache=True)
-def _camera_kernel(x, bias_amplitude, n_bias, transfer, n_out, pixels_per_region, electrons_per_unit,
-                   shot_noise, read_noise_e, saturate, full_well_e, electrons_per_count, region_scale,
-                   activation, rng):
+def _camera_kernel(x, bias_amplitude, n_bias, transfer_real, transfer_imag, n_out, pixels_per_region,
+                   electrons_per_unit, shot_noise, read_noise_e, saturate, full_well_e, electrons_per_count,
+                   region_scale, activation, rng):
     """Form the camera image in the output regions and read it out; return (pre-activation, outputs).
 
     x : float64 array of shape (batch, n_in), input amplitudes as applied.
-    transfer : complex array of shape (n_in + n_bias, 2 * n_out * pixels_per_region), the camera
-        field of each input region at unit amplitude, region by region.
+    transfer_real, transfer_imag : float64 arrays of shape (n_in + n_bias, 2 * n_out *
+        pixels_per_region), the camera field of each input region at unit amplitude, region by
+        region.
     electrons_per_count : ADC step in electrons, 0 when quantization is off.
     """
     batch, n_in = x.shape
+    n_sources = transfer_real.shape[0]
     a = np.empty((batch, n_out))
     y = np.empty((batch, n_out))
     sums = np.empty(2 * n_out)
+    # Camera fields on the region pixels for the whole batch, as two real matrix products (BLAS).
+    amplitudes = np.empty((batch, n_sources))
+    amplitudes[:, :n_in] = x
+    amplitudes[:, n_in:] = bias_amplitude
+    fields_real = np.dot(amplitudes, transfer_real)
+    fields_imag = np.dot(amplitudes, transfer_imag)
     for b in range(batch):
+        field_real = fields_real[b]
+        field_imag = fields_imag[b]
         for r in range(2 * n_out):
             total = 0.0
             for q in range(pixels_per_region):
                 p = r * pixels_per_region + q
-                field = 0.0 + 0.0j
-                for k in range(n_in):
-                    field += x[b, k] * transfer[k, p]
-                for k in range(n_bias):
-                    field += bias_amplitude * transfer[n_in + k, p]
-                electrons = (field.real * field.real + field.imag * field.imag) * electrons_per_unit
+                electrons = (field_real[p] ** 2 + field_imag[p] ** 2) * electrons_per_unit
                 if shot_noise:
                     electrons += np.sqrt(electrons) * rng.standard_normal()
                 if read_noise_e > 0:
@@ -386,9 +393,11 @@ class DiffractiveNode(OpticalNode):
         self._transfer_function = angular_spectrum_transfer(self.n_grid, pitch, wavelength, self.distance)
 
         self.input_masks = _input_regions(n, n_sources)
+        self._input_masks_flat = self.input_masks.reshape(n_sources, n * n).astype(FLOAT)
         self.region_pixels = _output_pixels(n, n_regions, cfg.region_pixels)
         self._pixel_index = np.ascontiguousarray(self.region_pixels.ravel())
         self._pixels_per_region = cfg.region_pixels**2
+        self._propagator = self._region_propagator()
 
         # Reference intensity: total full-scale input power spread evenly over the window.
         input_power = float(np.sum(self.input_masks[: self.n_in])) + cfg.bias_amplitude**2 * float(
@@ -420,6 +429,21 @@ class DiffractiveNode(OpticalNode):
         start = (m - n) // 2
         return grid[..., start : start + n, start : start + n]
 
+    def _region_propagator(self) -> np.ndarray:
+        """Return the field on each output-region pixel per unit field on each mask pixel.
+
+        Propagation on the periodic grid is a circular convolution with the impulse response
+        ``ifft2(H)``, so entry (q, p) is that response at the grid offset from mask pixel q to
+        camera pixel p. Complex array of shape (n * n, n_region_pixels).
+        """
+        n, m = self.slm_pixels, self.n_grid
+        impulse = scipy.fft.ifft2(self._transfer_function)
+        mask_rows, mask_cols = np.divmod(np.arange(n * n), n)
+        pixel_rows, pixel_cols = np.divmod(self._pixel_index, n)
+        row_offset = (pixel_rows[None, :] - mask_rows[:, None]) % m
+        col_offset = (pixel_cols[None, :] - mask_cols[:, None]) % m
+        return np.ascontiguousarray(impulse[row_offset, col_offset])
+
     def camera_fields(self, phase: np.ndarray | None = None) -> np.ndarray:
         """Return the camera-window field of every input region at unit amplitude.
 
@@ -434,18 +458,25 @@ class DiffractiveNode(OpticalNode):
         return self._crop(scipy.fft.ifft2(self._transfer_function * spectrum))
 
     def _region_transfer(self, phase: np.ndarray) -> np.ndarray:
-        fields = self.camera_fields(phase).reshape(self.input_masks.shape[0], -1)
-        return np.ascontiguousarray(fields[:, self._pixel_index])
+        """Camera fields of every input region on the output-region pixels, (n_sources, n_pixels)."""
+        sources = self._input_masks_flat * np.exp(1j * phase.ravel())[None, :]
+        return sources @ self._propagator
 
     def _phases_changed(self) -> None:
         self._transfer = self._region_transfer(self.phases["phase"])
+        self._transfer_parts = (np.ascontiguousarray(self._transfer.real), np.ascontiguousarray(self._transfer.imag))
 
     def _measure(self, x_applied: np.ndarray, phases: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         cfg = self.config
-        transfer = self._transfer if phases is self.phases else self._region_transfer(phases["phase"])
+        if phases is self.phases:
+            transfer_real, transfer_imag = self._transfer_parts
+        else:
+            transfer = self._region_transfer(phases["phase"])
+            transfer_real, transfer_imag = np.ascontiguousarray(transfer.real), np.ascontiguousarray(transfer.imag)
         electrons_per_count = cfg.full_well_e / (2**cfg.bit_depth - 1) if cfg.enabled("quantization") else 0.0
         return _camera_kernel(
-            x_applied, float(cfg.bias_amplitude), cfg.bias_regions, transfer, self.n_out, self._pixels_per_region,
+            x_applied, float(cfg.bias_amplitude), cfg.bias_regions, transfer_real, transfer_imag, self.n_out,
+            self._pixels_per_region,
             self._electrons_per_unit, cfg.enabled("shot_noise"),
             float(cfg.read_noise_e) if cfg.enabled("read_noise") else 0.0,
             cfg.enabled("saturation"), float(cfg.full_well_e), electrons_per_count, self._region_scale,
@@ -458,15 +489,8 @@ class DiffractiveNode(OpticalNode):
             x_applied, float(cfg.bias_amplitude), cfg.bias_regions, self._transfer, delta,
             self._pixels_per_region, self._model_intensity_scale,
         )
-        n = self.slm_pixels
-        n_sources = weighted.shape[0]
-        # Scatter the region-pixel adjoints into the camera window: shape (n_sources, n, n).
-        window = np.zeros((n_sources, n * n), dtype=np.complex128)
-        window[:, self._pixel_index] = weighted
-        window = window.reshape(n_sources, n, n)
-        # Back-propagate: the adjoint of ifft2(H fft2(.)) is ifft2(conj(H) fft2(.)).
-        spectrum = scipy.fft.fft2(self._pad(window))
-        back = self._crop(scipy.fft.ifft2(np.conj(self._transfer_function) * spectrum))
+        # Back-propagate: the adjoint of the propagator is its conjugate transpose.
+        back = (weighted @ self._propagator.conj().T).reshape(self.input_masks.shape)
         slm_field = self.input_masks * np.exp(1j * self.phases["phase"])[None, :, :]
         grad_phase = -2.0 * np.sum((np.conj(back) * slm_field).imag, axis=0)
         return {"phase": grad_phase}, grad_x

@@ -416,16 +416,22 @@ def _mzi_transfer_kernel(theta, phi, alpha_in, alpha_out, amplitude):
     T = amplitude * B(alpha_out) diag(exp(i theta), 1) B(alpha_in) diag(exp(i phi), 1), where
     B(alpha) = [[cos(pi/4 + alpha), i sin(pi/4 + alpha)], [i sin(pi/4 + alpha), cos(pi/4 + alpha)]].
     """
+    quarter = np.pi / 4
+    return _mzi_transfer_from_couplers(
+        theta, phi, np.cos(quarter + alpha_in), np.sin(quarter + alpha_in),
+        np.cos(quarter + alpha_out), np.sin(quarter + alpha_out), amplitude,
+    )
+
+
+@njit(cache=True)
+def _mzi_transfer_from_couplers(theta, phi, cos_in, sin_in, cos_out, sin_out, amplitude):
+    """:func:`_mzi_transfer_kernel` with the couplers' cosines and sines precomputed."""
     n = theta.shape[0]
     out = np.empty((n, 2, 2), dtype=np.complex128)
-    quarter = np.pi / 4
     for i in range(n):
-        c1 = np.cos(quarter + alpha_in[i])
-        s1 = np.sin(quarter + alpha_in[i])
-        c2 = np.cos(quarter + alpha_out[i])
-        s2 = np.sin(quarter + alpha_out[i])
-        et = np.exp(1j * theta[i])
-        ep = np.exp(1j * phi[i])
+        c1, s1, c2, s2 = cos_in[i], sin_in[i], cos_out[i], sin_out[i]
+        et = np.cos(theta[i]) + 1j * np.sin(theta[i])
+        ep = np.cos(phi[i]) + 1j * np.sin(phi[i])
         t = amplitude[i]
         out[i, 0, 0] = t * ep * (c2 * c1 * et - s2 * s1)
         out[i, 0, 1] = t * 1j * (c2 * s1 * et + s2 * c1)
@@ -452,43 +458,99 @@ def _propagate_matrix_kernel(fields, top_mode, column_start, transfer):
 
 
 @njit(cache=True)
+def _crosstalk_kernel(phases, has_upper, crosstalk):
+    """Return phases plus ``crosstalk`` times the phases of the same-column neighbours.
+
+    has_upper[i] is True when MZI i - 1 sits directly above MZI i in the same column.
+    """
+    n = phases.shape[0]
+    out = phases.copy()
+    if crosstalk == 0.0:
+        return out
+    for i in range(1, n):
+        if has_upper[i]:
+            out[i] += crosstalk * phases[i - 1]
+            out[i - 1] += crosstalk * phases[i]
+    return out
+
+
+@njit(cache=True)
+def _device_transfer_kernel(theta, phi, has_upper, crosstalk, couplers, amplitude):
+    """Apply thermal crosstalk to both phase arrays, then return every MZI's 2x2 transfer matrix.
+
+    couplers : float64 array of shape (4, n_mzi): cos and sin of pi/4 + alpha_in, then of
+    pi/4 + alpha_out.
+    """
+    return _mzi_transfer_from_couplers(
+        _crosstalk_kernel(theta, has_upper, crosstalk), _crosstalk_kernel(phi, has_upper, crosstalk),
+        couplers[0], couplers[1], couplers[2], couplers[3], amplitude,
+    )
+
+
+@njit(cache=True)
+def _readout_matrix_kernel(n_modes, n_lit, n_rows, top_mode, column_start, transfer):
+    """Return the mesh's transfer from the lit input modes to the detector modes.
+
+    Propagates unit fields on modes 0..n_lit-1 through the mesh and keeps output modes
+    0..n_rows-1. Returns real and imaginary parts, each float64 of shape (n_lit, n_rows). The
+    fields are kept as separate real and imaginary arrays so that the loop over input modes
+    compiles to vector instructions.
+    """
+    real = np.zeros((n_modes, n_lit))
+    imag = np.zeros((n_modes, n_lit))
+    for k in range(n_lit):
+        real[k, k] = 1.0
+    n_columns = column_start.shape[0] - 1
+    for c in range(n_columns):
+        for i in range(column_start[c], column_start[c + 1]):
+            m = top_mode[i]
+            ar, ai = transfer[i, 0, 0].real, transfer[i, 0, 0].imag
+            br, bi = transfer[i, 0, 1].real, transfer[i, 0, 1].imag
+            cr, ci = transfer[i, 1, 0].real, transfer[i, 1, 0].imag
+            dr, di = transfer[i, 1, 1].real, transfer[i, 1, 1].imag
+            # Each column spreads light by at most one mode, so before column c the light of
+            # input k lies on modes k - c .. k + c; other inputs are still zero on (m, m + 1).
+            lo = max(0, m - c - 1)
+            hi = min(n_lit, m + c + 3)
+            for k in range(lo, hi):
+                ur, ui = real[m, k], imag[m, k]
+                vr, vi = real[m + 1, k], imag[m + 1, k]
+                real[m, k] = ar * ur - ai * ui + br * vr - bi * vi
+                imag[m, k] = ar * ui + ai * ur + br * vi + bi * vr
+                real[m + 1, k] = cr * ur - ci * ui + dr * vr - di * vi
+                imag[m + 1, k] = cr * ui + ci * ur + dr * vi + di * vr
+    return real[:n_rows].T.copy(), imag[:n_rows].T.copy()
+
+
+@njit(cache=True)
 def _mesh_forward_kernel(
-    x, n_modes, bias_start, n_bias, bias_amplitude, top_mode, column_start, transfer, n_out,
+    x, bias_amplitude, n_bias, readout_real, readout_imag, n_out,
     detector_scale, shot_coefficient, dark_variance, saturate, full_scale, adc_steps, activation, rng,
 ):
-    """Run the mesh and its balanced detectors on a batch; return (pre-activation, outputs).
+    """Detect the mesh output of a batch on the balanced pairs; return (pre-activation, outputs).
 
     x : float64 array of shape (batch, n_in), input amplitudes as applied.
+    readout_real, readout_imag : (n_in + n_bias, 2 n_out), from :func:`_readout_matrix_kernel`.
     detector_scale : 1 / (P_ref / P_mode), turns a power difference in units of P_mode into a.
     shot_coefficient : variance of a per unit of (P_2j + P_2j+1) / P_mode (0 when off).
     dark_variance : variance of a from the two dark currents (0 when off).
     """
     batch, n_in = x.shape
+    n_lit = n_in + n_bias
     a = np.empty((batch, n_out))
     y = np.empty((batch, n_out))
-    field = np.empty(n_modes, dtype=np.complex128)
-    n_columns = column_start.shape[0] - 1
+    # Fields on the detector modes for the whole batch, as two real matrix products (BLAS).
+    lit = np.empty((batch, n_lit))
+    lit[:, :n_in] = x
+    lit[:, n_in:] = bias_amplitude
+    fields_real = np.dot(lit, readout_real)
+    fields_imag = np.dot(lit, readout_imag)
     for b in range(batch):
-        for k in range(n_modes):
-            field[k] = 0.0
-        for k in range(n_in):
-            field[k] = x[b, k]
-        for k in range(n_bias):
-            field[bias_start + k] = bias_amplitude
-
-        for c in range(n_columns):
-            for i in range(column_start[c], column_start[c + 1]):
-                m = top_mode[i]
-                u = field[m]
-                v = field[m + 1]
-                field[m] = transfer[i, 0, 0] * u + transfer[i, 0, 1] * v
-                field[m + 1] = transfer[i, 1, 0] * u + transfer[i, 1, 1] * v
-
+        field_real = fields_real[b]
+        field_imag = fields_imag[b]
         for j in range(n_out):
-            f_plus = field[2 * j]
-            f_minus = field[2 * j + 1]
-            p_plus = f_plus.real * f_plus.real + f_plus.imag * f_plus.imag
-            p_minus = f_minus.real * f_minus.real + f_minus.imag * f_minus.imag
+            p_plus = field_real[2 * j] ** 2 + field_imag[2 * j] ** 2
+            p_minus = field_real[2 * j + 1] ** 2 + field_imag[2 * j + 1] ** 2
             v = (p_plus - p_minus) * detector_scale
             variance = shot_coefficient * (p_plus + p_minus) + dark_variance
             if variance > 0:
@@ -643,20 +705,20 @@ class MziNode(OpticalNode):
         }
 
         # Fixed errors of this device, drawn once; they stay zero when their stage is off.
-        self.alpha_in = np.zeros(count)
-        self.alpha_out = np.zeros(count)
+        alpha_in = np.zeros(count)
+        alpha_out = np.zeros(count)
         if cfg.enabled("splitter_error") and cfg.splitter_error_dtod > 0:
-            self.alpha_in = self.rng.normal(0.0, cfg.splitter_error_dtod, count)
-            self.alpha_out = self.rng.normal(0.0, cfg.splitter_error_dtod, count)
-        self.amplitude = np.ones(count)
+            alpha_in = self.rng.normal(0.0, cfg.splitter_error_dtod, count)
+            alpha_out = self.rng.normal(0.0, cfg.splitter_error_dtod, count)
+        amplitude = np.ones(count)
         if cfg.enabled("loss"):
             loss_db = np.maximum(cfg.loss_db + cfg.loss_db_dtod * self.rng.standard_normal(count), 0.0)
-            self.amplitude = 10.0 ** (-loss_db / 20.0)
-        same_column = np.zeros(count, dtype=bool)
+            amplitude = 10.0 ** (-loss_db / 20.0)
+        self._set_device_errors(alpha_in, alpha_out, amplitude)
+        # True where MZI i - 1 sits directly above MZI i in the same column (two modes up).
+        self._has_upper = np.zeros(count, dtype=bool)
         for column in range(self.n_modes):
-            same_column[self.column_start[column] + 1 : self.column_start[column + 1]] = True
-        #: True where an MZI has a neighbour above it in the same column (the previous index).
-        self._has_upper = same_column
+            self._has_upper[self.column_start[column] + 1 : self.column_start[column + 1]] = True
 
         # Readout scales: P_ref is the mean power per mode with every input at full scale. The
         # readout gain is calibrated for the nominal loss of a path through the mesh (N - 1 MZIs
@@ -686,34 +748,43 @@ class MziNode(OpticalNode):
     def effective_phases(self, phases: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Return the phases the light sees after thermal crosstalk, in rad, by parameter name."""
         phases = self.phases if phases is None else phases
-        if not self.config.enabled("crosstalk") or self.config.crosstalk == 0:
-            return {name: np.asarray(value, dtype=FLOAT) for name, value in phases.items()}
-        kappa = self.config.crosstalk
-        upper = self._has_upper
-        lower = np.zeros_like(upper)
-        lower[:-1] = upper[1:]
-        out = {}
-        for name, value in phases.items():
-            value = np.asarray(value, dtype=FLOAT)
-            extra = np.zeros_like(value)
-            extra[upper] += value[np.flatnonzero(upper) - 1]
-            extra[lower] += value[np.flatnonzero(lower) + 1]
-            out[name] = value + kappa * extra
-        return out
+        kappa = self.config.crosstalk if self.config.enabled("crosstalk") else 0.0
+        return {
+            name: _crosstalk_kernel(np.ascontiguousarray(value, dtype=FLOAT), self._has_upper, float(kappa))
+            for name, value in phases.items()
+        }
 
     def transfer_matrices(self, phases: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
         """Return every MZI's 2x2 transfer matrix on the device, complex array of shape (n_mzi, 2, 2)."""
-        effective = self.effective_phases(phases)
-        return _mzi_transfer_kernel(effective["theta"], effective["phi"], self.alpha_in, self.alpha_out, self.amplitude)
+        phases = self.phases if phases is None else phases
+        kappa = self.config.crosstalk if self.config.enabled("crosstalk") else 0.0
+        return _device_transfer_kernel(
+            np.ascontiguousarray(phases["theta"], dtype=FLOAT), np.ascontiguousarray(phases["phi"], dtype=FLOAT),
+            self._has_upper, float(kappa), self._coupler_terms, self.amplitude,
+        )
+
+    def _set_device_errors(self, alpha_in: np.ndarray, alpha_out: np.ndarray, amplitude: np.ndarray) -> None:
+        """Store the fixed coupler errors (rad) and MZI amplitude transmissions of this device."""
+        self.alpha_in, self.alpha_out, self.amplitude = alpha_in, alpha_out, amplitude
+        angle_in, angle_out = math.pi / 4 + alpha_in, math.pi / 4 + alpha_out
+        self._coupler_terms = np.stack([np.cos(angle_in), np.sin(angle_in), np.cos(angle_out), np.sin(angle_out)])
 
     def device_matrix(self) -> np.ndarray:
         """Return the device's field transfer matrix, complex array of shape (n_modes, n_modes)."""
         return _propagate_matrix_kernel(
-            np.eye(self.n_modes, dtype=np.complex128), self.top_mode, self.column_start, self._transfer
+            np.eye(self.n_modes, dtype=np.complex128), self.top_mode, self.column_start, self.transfer_matrices()
+        )
+
+    def _readout_matrix(self, phases: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        return _readout_matrix_kernel(
+            self.n_modes, self.n_in + self.config.bias_modes, 2 * self.n_out, self.top_mode, self.column_start,
+            self.transfer_matrices(phases),
         )
 
     def _phases_changed(self) -> None:
-        self._transfer = self.transfer_matrices()
+        # The forward pass only needs the transfer from the lit inputs to the detectors, and it
+        # changes only when the phases do.
+        self._readout = self._readout_matrix(self.phases)
 
     def _saturated(self, a: np.ndarray) -> np.ndarray | None:
         if not self.config.enabled("saturation"):
@@ -722,13 +793,12 @@ class MziNode(OpticalNode):
 
     def _measure(self, x_applied: np.ndarray, phases: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         cfg = self.config
-        transfer = self._transfer if phases is self.phases else self.transfer_matrices(phases)
+        readout_real, readout_imag = self._readout if phases is self.phases else self._readout_matrix(phases)
         adc_steps = 2 ** (cfg.adc_bits - 1) - 1 if cfg.enabled("adc") else 0
         return _mesh_forward_kernel(
-            x_applied, self.n_modes, self.n_in, cfg.bias_modes, float(cfg.bias_amplitude), self.top_mode,
-            self.column_start, transfer, self.n_out, self.detector_scale, self._shot_coefficient,
-            self._dark_variance, cfg.enabled("saturation"), float(self.full_scale), adc_steps,
-            self._activation_code, self.rng,
+            x_applied, float(cfg.bias_amplitude), cfg.bias_modes, readout_real, readout_imag, self.n_out,
+            self.detector_scale, self._shot_coefficient, self._dark_variance, cfg.enabled("saturation"),
+            float(self.full_scale), adc_steps, self._activation_code, self.rng,
         )
 
     def _model_gradient(self, x_applied: np.ndarray, delta: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -757,9 +827,11 @@ class MziNode(OpticalNode):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         device = state.get("device")
         if device is not None:
+            arrays = {}
             for key in ("alpha_in", "alpha_out", "amplitude"):
                 value = np.asarray(device[key], dtype=FLOAT)
                 if value.shape != self.alpha_in.shape:
                     raise ConfigError(f"{self._where()}: saved {key} has shape {value.shape}, expected {self.alpha_in.shape}")
-                setattr(self, key, value.copy())
+                arrays[key] = value.copy()
+            self._set_device_errors(**arrays)
         super().load_state_dict(state)
