@@ -1,8 +1,8 @@
 """Forward-pass speed of each simulator against a vectorized NumPy implementation of its model.
 
-For every simulator the script builds one node with the default preset, checks that its NumPy
-reference gives the same outputs with the noise stages off, then times both at the same batch
-size (after warm-up, median of repeats) and prints samples per second and the ratio as a
+For every simulator the script builds one node with the default preset and checks that its
+NumPy reference gives the same outputs with the noise stages off. It then times both at the same
+batch size (after warm-up, median of repeats) and prints samples per second and the ratio as a
 Markdown table. Two cases per optical node:
 
 - ``forward``: phases unchanged since the last call, so cached transfer matrices are reused.
@@ -92,7 +92,7 @@ def crossbar_reference(node: CrossbarNode) -> Callable[[np.ndarray, np.random.Ge
 
 # ---------------------------------------------------------------------------- MZI reference
 def mzi_blocks(node: MziNode, theta: np.ndarray, phi: np.ndarray) -> np.ndarray:
-    """Every MZI's 2x2 transfer matrix, vectorized over MZIs, shape (n_mzi, 2, 2)."""
+    """Return every MZI's 2x2 transfer matrix, vectorized over MZIs, shape (n_mzi, 2, 2)."""
     cfg = node.config
     if cfg.enabled("crosstalk"):
         kappa = cfg.crosstalk

@@ -113,7 +113,8 @@ def test_regions_are_disjoint_and_inside_window():
     assert np.all(node.input_masks.reshape(node.input_masks.shape[0], -1).sum(axis=1) >= 4)
     flat = node.region_pixels.ravel()
     assert len(np.unique(flat)) == flat.size
-    assert flat.min() >= 0 and flat.max() < n * n
+    assert flat.min() >= 0
+    assert flat.max() < n * n
 
 
 # ------------------------------------------------------------------------------- physics

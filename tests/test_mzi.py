@@ -9,8 +9,10 @@ import pytest
 from optics_helpers import toy_blobs, train_dfa
 from scipy.stats import unitary_group
 
+from pnn.activations import get_activation
 from pnn.errors import ConfigError, LimitError
 from pnn.simulators import get_device
+from pnn.simulators._optics import perturbation_codes, wrap_phase
 from pnn.simulators.mzi import (
     MZI_PRESETS,
     STAGES,
@@ -81,11 +83,14 @@ def reference_forward(node: MziNode, x: np.ndarray, rng: np.random.Generator) ->
         steps = 2 ** (cfg.input_dac_bits - 1) - 1
         x = np.round(x * steps) / steps
     u = reference_matrix(node, node.phases)
+
+    # Readout scales, from the documented formulas.
     p_ref = (node.n_in + cfg.bias_modes * cfg.bias_amplitude**2) / n
     transmission = 10 ** (-cfg.loss_db * (n - 1) / 10) if cfg.enabled("loss") else 1.0
     current_ref = cfg.responsivity_a_per_w * cfg.power_mw * 1e-3 * p_ref * transmission
     bandwidth = cfg.bandwidth_ghz * 1e9
     full_scale = cfg.adc_full_scale if node.activation.upper < np.inf else cfg.output_full_scale
+
     a = np.zeros((x.shape[0], node.n_out))
     for b in range(x.shape[0]):
         field_in = np.zeros(n, dtype=complex)
@@ -412,3 +417,31 @@ def test_dfa_learns_toy_task(method):
     initial, final = train_dfa(make, x, y, hidden=4, epochs=15, lr=0.03)
     assert final >= 0.9
     assert final > initial
+
+
+# ------------------------------------------------------------------------- shared helpers
+def test_wrap_phase_matches_numpy():
+    values = np.random.default_rng(30).uniform(-20, 20, 500)
+    resolution = 2 * np.pi / 64
+    expected_continuous = np.mod(values, 2 * np.pi)
+    expected_grid = np.mod(np.round(np.mod(values, 2 * np.pi) / resolution), 64) * resolution
+    np.testing.assert_allclose(wrap_phase(values, 0.0), expected_continuous, atol=1e-12)
+    np.testing.assert_allclose(wrap_phase(values, resolution), expected_grid, atol=1e-12)
+    assert np.all(wrap_phase(values, resolution) < 2 * np.pi)
+
+
+@pytest.mark.parametrize("activation", ["linear", "tanh", "hardtanh", "sigmoid"])
+def test_activation_matches_reference(activation):
+    node = MziNode(4, 3, config=IDEAL, rng=31, activation=activation)
+    y = node.forward(np.random.default_rng(32).uniform(-1, 1, (5, 4)))
+    a = node.measure_state().probes["preactivation"]
+    np.testing.assert_allclose(y, get_activation(activation).f(a), atol=1e-12)
+
+
+def test_hadamard_codes_are_orthogonal():
+    codes = perturbation_codes(13, None, np.random.default_rng(0))
+    assert codes.shape == (16, 13)
+    np.testing.assert_array_equal(codes.T @ codes, 16 * np.eye(13))
+    random_codes = perturbation_codes(13, 5, np.random.default_rng(0))
+    assert random_codes.shape == (5, 13)
+    assert set(np.unique(random_codes)) == {-1.0, 1.0}

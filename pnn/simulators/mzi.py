@@ -1,6 +1,6 @@
 """Simulated interferometer mesh: a rectangular mesh of Mach-Zehnder interferometers (MZIs).
 
-Mesh. N waveguide modes pass through N columns of MZIs; column ``c`` holds an MZI on every mode
+Mesh. N waveguide modes pass through N columns of MZIs. Column ``c`` contains an MZI on every mode
 pair (m, m + 1) with ``m % 2 == c % 2``, N (N - 1) / 2 MZIs in all. This is the rectangular
 mesh of Clements et al. 2016, "Optimal design for universal multiport interferometers", Optica 3,
 1460, which realises any N x N unitary with equal path depth for every mode. One MZI is two
@@ -152,7 +152,7 @@ class MziConfig(StageConfigMixin):
     """Readout full scale for a node without a bounded nonlinearity (an output layer producing
     logits), in units of P_ref; None uses ``adc_full_scale``."""
     gradient_method: str = "adjoint"
-    """How ``local_gradient`` works: ``"adjoint"`` (ideal model) or ``"perturbation"`` (in situ)."""
+    """Method of ``local_gradient``: ``"adjoint"`` (ideal model) or ``"perturbation"`` (in situ)."""
     perturbation_phase: float = 0.05
     """Size of each phase perturbation for ``"perturbation"``, in rad (rounded to whole DAC steps)."""
     perturbation_samples: int | None = None
@@ -182,9 +182,10 @@ class MziConfig(StageConfigMixin):
 
 #: Named mesh presets. ``default`` (also ``silicon-photonic``) is a silicon-photonic mesh with
 #: thermo-optic phase shifters and germanium photodiodes. Its numbers are typical values for
-#: such chips, not figures fitted to one publication: 12-bit heater drivers, 2 % thermal
-#: crosstalk to the neighbouring heater, couplers within about 2 % of 50:50, 0.2 dB loss per MZI,
-#: 0.1 mW per mode, 1 A/W and 10 nA dark current at 10 GHz, 8-bit converters. The mesh
+#: such chips, not figures fitted to one publication. It has 12-bit heater drivers, 2 % thermal
+#: crosstalk to the neighbouring heater and couplers within about 2 % of 50:50. Each MZI loses
+#: 0.2 dB, each mode carries 0.1 mW, and the photodiodes have 1 A/W and 10 nA dark current at
+#: 10 GHz, read by 8-bit converters. The mesh
 #: architecture is that of Clements et al. 2016 (Optica 3, 1460). ``ideal`` switches every
 #: stage off.
 MZI_PRESETS: dict[str, MziConfig] = {
@@ -284,9 +285,9 @@ def decompose(matrix: Any) -> MeshPhases:
     """Find the phases with which the rectangular mesh realises a unitary matrix.
 
     Implements the nulling algorithm of Clements et al. 2016 (Optica 3, 1460) for the MZI
-    convention of this module: MZIs applied from the right and from the left null the entries
-    below the diagonal in alternating diagonals, the left MZIs are then moved through the
-    remaining diagonal matrix, and the diagonal becomes the output phase screen.
+    convention of this module. MZIs applied from the right and from the left null the entries
+    below the diagonal in alternating diagonals. The left MZIs are then moved through the
+    remaining diagonal matrix, which becomes the output phase screen.
 
     Parameters
     ----------
@@ -580,7 +581,7 @@ def _mesh_adjoint_kernel(x, n_modes, bias_start, n_bias, bias_amplitude, top_mod
     grad_theta = np.zeros(n_mzi)
     grad_phi = np.zeros(n_mzi)
     grad_x = np.empty((batch, n_in))
-    # history[c] holds the field entering column c; history[n_columns] is the output field.
+    # history[c] is the field entering column c; history[n_columns] is the output field.
     history = np.empty((n_columns + 1, n_modes), dtype=np.complex128)
     adjoint = np.empty(n_modes, dtype=np.complex128)
     e_theta = np.exp(1j * theta)
@@ -746,7 +747,7 @@ class MziNode(OpticalNode):
 
     # ------------------------------------------------------------------------------ physics
     def effective_phases(self, phases: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        """Return the phases the light sees after thermal crosstalk, in rad, by parameter name."""
+        """Return the phases acting on the light after thermal crosstalk, in rad, by parameter name."""
         phases = self.phases if phases is None else phases
         kappa = self.config.crosstalk if self.config.enabled("crosstalk") else 0.0
         return {
