@@ -31,8 +31,15 @@ _EXPORTS = {
     "InstrumentError": "errors",
     "MeasurementError": "errors",
     "CalibrationError": "errors",
+    "Dataset": "datasets",
+    "load_dataset": "datasets",
+    "PhysicalNoProp": "controller",
+    "TrainConfig": "config",
+    "train": "experiment",
     "CrossbarNode": "simulators",
     "CrossbarConfig": "simulators",
+    "ResistiveNode": "simulators",
+    "ResistiveConfig": "simulators",
 }
 
 __all__ = ["__version__", *_EXPORTS]

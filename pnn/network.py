@@ -148,7 +148,8 @@ class Encoder(Node):
         Target input range, usually the first node's ``input_spec``.
     method
         ``"minmax"`` maps the training minimum and maximum onto the range; ``"standard"`` maps
-        the mean to the centre and ``spread`` standard deviations to each edge.
+        the mean to the centre and ``spread`` standard deviations to each edge; ``"none"``
+        passes the data through unchanged (data already in range, such as pixels in [0, 1]).
     spread
         Standard deviations that reach the range edge, for ``method="standard"``.
     """
@@ -164,8 +165,8 @@ class Encoder(Node):
         name: str = "encoder",
     ) -> None:
         super().__init__(name, n, n, input_spec=_unbounded(n), output_unit="1", dtype=np.float32)
-        if method not in ("standard", "minmax"):
-            raise ConfigError(f"encoder method must be 'standard' or 'minmax', got {method!r}")
+        if method not in ("standard", "minmax", "none"):
+            raise ConfigError(f"encoder method must be 'standard', 'minmax' or 'none', got {method!r}")
         if not lower < upper:
             raise ConfigError(f"encoder range needs lower < upper, got [{lower}, {upper}]")
         self.lower, self.upper, self.method, self.spread = float(lower), float(upper), method, float(spread)
@@ -179,7 +180,10 @@ class Encoder(Node):
             raise ConfigError(f"encoder {self.name!r}: expected data of shape (n, {self.n_in}), got {x.shape}")
         centre = 0.5 * (self.lower + self.upper)
         half = 0.5 * (self.upper - self.lower)
-        if self.method == "standard":
+        if self.method == "none":
+            self.offset_ = np.zeros(self.n_in)
+            self.scale_ = np.ones(self.n_in)
+        elif self.method == "standard":
             std = x.std(axis=0)
             std[std == 0] = 1.0
             self.scale_ = half / (self.spread * std)
@@ -217,7 +221,8 @@ class Readout(Node):
     has_input_gradient = True
 
     def __init__(self, n: int, *, gain: float = 1.0, offset: float = 0.0, name: str = "readout") -> None:
-        super().__init__(name, n, n, input_spec=_unbounded(n), output_unit="1", dtype=np.float32)
+        # float64 logits: the loss and its gradient checks need the full precision.
+        super().__init__(name, n, n, input_spec=_unbounded(n), output_unit="1", dtype=np.float64)
         if not (math.isfinite(gain) and gain != 0):
             raise ConfigError(f"readout gain must be a finite non-zero number, got {gain}")
         self.gain, self.offset = float(gain), float(offset)

@@ -279,6 +279,9 @@ class Node(ABC):
     has_input_gradient: bool = False
     #: True when :meth:`local_gradient` accepts errors at the pre-activation.
     has_preactivation: bool = False
+    #: True when the node relaxes to an equilibrium and offers ``settle(inputs, nudge=None)``,
+    #: which returns the free or weakly clamped equilibrium state for equilibrium propagation.
+    can_settle: bool = False
 
     def __init__(
         self,

@@ -13,6 +13,7 @@ import numpy as np
 from pnn.network import DigitalLinear
 from pnn.nodes import Node
 from pnn.simulators.crossbar import CROSSBAR_PRESETS, CrossbarNode
+from pnn.simulators.resistive import RESISTIVE_PRESETS, ResistiveNode
 from pnn.simulators.diffractive import DIFFRACTIVE_PRESETS, DiffractiveNode
 from pnn.simulators.mzi import MZI_PRESETS, MziNode
 
@@ -22,6 +23,8 @@ NODE_FACTORIES: dict[str, Callable[[], Node]] = {
     "crossbar-stochastic": lambda: CrossbarNode(
         6, 4, rng=0, name="xbar", config=CROSSBAR_PRESETS["default"].replace(update_mode="stochastic")
     ),
+    "resistive-default": lambda: ResistiveNode(6, 4, hidden=(5,), rng=0, name="resistive"),
+    "resistive-ideal": lambda: ResistiveNode(6, 4, rng=0, name="resistive", config=RESISTIVE_PRESETS["ideal"]),
     "digital-linear": lambda: DigitalLinear(6, 4, rng=0, name="fc", dtype=np.float64),
     "mzi-default": lambda: MziNode(6, 4, rng=0, name="mesh"),
     "mzi-ideal": lambda: MziNode(6, 4, rng=0, name="mesh", config=MZI_PRESETS["ideal"]),

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from optics_helpers import toy_blobs, train_dfa
+from .optics_helpers import toy_blobs, train_dfa
 
 from pnn.errors import ConfigError, LimitError
 from pnn.simulators import get_device

@@ -284,8 +284,9 @@ class OpticalNode(Node):
         its phase grid, so changes smaller than one step add up over updates instead of being
         lost. With ``phase_wrap`` on (the default), a
         phase leaving [0, 2 pi) is wrapped, because a phase shifter realises a phase modulo
-        2 pi, and the returned change is the equivalent change in (-pi, pi]. With
-        ``phase_wrap`` off, a phase leaving [0, 2 pi) raises like any out-of-range value.
+        2 pi. The returned change is the new value minus the old one, so it is off by 2 pi from
+        the requested change where a phase wrapped. With ``phase_wrap`` off, a phase leaving
+        [0, 2 pi) raises like any out-of-range value.
         """
         self._check_open()
         current = self._read_parameters()
@@ -301,7 +302,7 @@ class OpticalNode(Node):
                 self._count_clips(name, self._targets[name] + step, target)
             targets[name] = target
         applied = self._write_parameters(targets)
-        return {name: np.mod(applied[name] - current[name] + math.pi, TWO_PI) - math.pi for name in applied}
+        return {name: applied[name] - current[name] for name in applied}
 
     # ------------------------------------------------------------------------------- forward
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:

@@ -1,0 +1,5 @@
+"""Allow ``python -m pnn``."""
+
+from .cli import main
+
+raise SystemExit(main())

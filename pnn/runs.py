@@ -1,0 +1,281 @@
+"""Run folders: configuration, metrics log, checkpoints and summary of one training run.
+
+Layout of a run folder::
+
+    config.json      the resolved configuration, written once when the run starts
+    identity.json    every node's identity (kind, settings, seed or serial number)
+    metrics.jsonl    one JSON object per line: a "step" record per batch, an "epoch" record per
+                     epoch; appended and flushed as training goes
+    checkpoint.npz   the latest checkpoint, replaced atomically (temporary file, fsync, rename)
+    summary.json     final accuracies and timings, written atomically when the run ends
+
+A checkpoint stores how many metrics lines existed when it was written; resuming truncates the
+log to that length, so the log never holds steps that the resumed state has not seen.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import time
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError, PnnError
+
+__all__ = ["RunDir", "save_tree", "load_tree", "atomic_write_bytes", "atomic_write_json"]
+
+CHECKPOINT = "checkpoint.npz"
+METRICS = "metrics.jsonl"
+CONFIG = "config.json"
+SUMMARY = "summary.json"
+IDENTITY = "identity.json"
+
+# Version of the checkpoint layout; a checkpoint with another version is refused on resume.
+CHECKPOINT_VERSION = 1
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def atomic_write_json(path: str | os.PathLike[str], value: Any) -> None:
+    """Write ``value`` as indented JSON, atomically."""
+    text = json.dumps(value, indent=2, default=_json_default, sort_keys=False)
+    atomic_write_bytes(path, (text + "\n").encode())
+
+
+# ------------------------------------------------------------------------ state trees
+def _split_tree(tree: Any, arrays: dict[str, np.ndarray], prefix: str) -> Any:
+    """Replace every array in a nested structure by a reference, collecting the arrays."""
+    if isinstance(tree, np.ndarray):
+        key = f"a{len(arrays)}"
+        arrays[key] = tree
+        return {"__array__": key}
+    if isinstance(tree, Mapping):
+        for k in tree:
+            if not isinstance(k, str):
+                raise TypeError(f"state keys must be strings, got {k!r} at {prefix or 'top level'}")
+        return {k: _split_tree(v, arrays, f"{prefix}/{k}") for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_split_tree(v, arrays, f"{prefix}[{i}]") for i, v in enumerate(tree)]
+    if isinstance(tree, np.generic):
+        return tree.item()
+    return tree
+
+
+def _join_tree(tree: Any, arrays: Mapping[str, np.ndarray]) -> Any:
+    if isinstance(tree, dict):
+        if set(tree) == {"__array__"}:
+            return arrays[tree["__array__"]]
+        return {k: _join_tree(v, arrays) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_join_tree(v, arrays) for v in tree]
+    return tree
+
+
+def save_tree(path: str | os.PathLike[str], tree: Mapping[str, Any]) -> None:
+    """Save a nested dict of arrays, numbers and strings to an ``.npz`` file, atomically."""
+    arrays: dict[str, np.ndarray] = {}
+    skeleton = _split_tree(tree, arrays, "")
+    buffer = io.BytesIO()
+    meta = np.frombuffer(json.dumps(skeleton, default=_json_default).encode(), dtype=np.uint8)
+    np.savez(buffer, __tree__=meta, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_tree(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load what :func:`save_tree` wrote."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise PnnError(f"checkpoint {path} is unreadable ({exc}); resume from an earlier run folder or start anew") from None
+    if "__tree__" not in arrays:
+        raise PnnError(f"checkpoint {path} has no state tree; it was not written by pnn")
+    skeleton = json.loads(arrays.pop("__tree__").tobytes().decode())
+    return _join_tree(skeleton, arrays)
+
+
+# ---------------------------------------------------------------------------- run folder
+class RunDir:
+    """One run's folder. Use :meth:`create` for a new run and :meth:`open` to resume one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._metrics = None
+
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], config: Mapping[str, Any]) -> RunDir:
+        """Create a new run folder and write its configuration.
+
+        Raises
+        ------
+        ConfigError
+            If the folder already holds a run (resume it with ``--resume`` instead).
+        """
+        path = Path(path)
+        if (path / CONFIG).exists():
+            raise ConfigError(
+                f"{path} already holds a run; resume it with --resume {path}, or choose another --out"
+            )
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the run folder {path}: {exc.strerror}; choose another --out") from None
+        run = cls(path)
+        atomic_write_json(path / CONFIG, dict(config))
+        return run
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> RunDir:
+        """Open an existing run folder for resuming."""
+        path = Path(path)
+        if not (path / CONFIG).is_file():
+            raise ConfigError(f"{path} is not a run folder (no {CONFIG}); pass the folder a run wrote with --out")
+        return cls(path)
+
+    def read_config(self) -> dict[str, Any]:
+        """Return the configuration the run was started with."""
+        try:
+            return json.loads((self.path / CONFIG).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{self.path / CONFIG} is unreadable ({exc})") from None
+
+    def write_identity(self, identity: Any) -> None:
+        """Record the identity of every node used."""
+        atomic_write_json(self.path / IDENTITY, identity)
+
+    # metrics ------------------------------------------------------------------------
+    def _metrics_file(self):
+        if self._metrics is None:
+            self._metrics = open(self.path / METRICS, "a", encoding="utf-8")
+        return self._metrics
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        """Append one record to the metrics log and flush it."""
+        handle = self._metrics_file()
+        handle.write(json.dumps(record, default=_json_default) + "\n")
+        handle.flush()
+
+    def metrics_lines(self) -> int:
+        """Number of complete lines in the metrics log."""
+        if self._metrics is not None:
+            self._metrics.flush()
+        path = self.path / METRICS
+        if not path.exists():
+            return 0
+        with open(path, "rb") as handle:
+            return sum(1 for line in handle if line.endswith(b"\n"))
+
+    def truncate_metrics(self, lines: int) -> None:
+        """Keep only the first ``lines`` lines of the metrics log (drops a torn last line too)."""
+        self.close()
+        path = self.path / METRICS
+        if not path.exists():
+            return
+        kept = []
+        with open(path, "rb") as handle:
+            for line in handle:
+                if len(kept) == lines or not line.endswith(b"\n"):
+                    break
+                kept.append(line)
+        atomic_write_bytes(path, b"".join(kept))
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """Return every complete record of the metrics log."""
+        path = self.path / METRICS
+        if not path.exists():
+            return []
+        records = []
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                if line.endswith("\n"):
+                    records.append(json.loads(line))
+        return records
+
+    # checkpoints --------------------------------------------------------------------
+    def save_checkpoint(self, state: Mapping[str, Any]) -> None:
+        """Write a checkpoint atomically; it records the current metrics log length."""
+        tree = dict(state)
+        tree["checkpoint_version"] = CHECKPOINT_VERSION
+        tree["metrics_lines"] = self.metrics_lines()
+        tree["saved_at"] = time.time()
+        save_tree(self.path / CHECKPOINT, tree)
+
+    def has_checkpoint(self) -> bool:
+        """True when the folder holds a checkpoint."""
+        return (self.path / CHECKPOINT).is_file()
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        """Return the latest checkpoint, and truncate the metrics log to match it."""
+        tree = load_tree(self.path / CHECKPOINT)
+        version = tree.get("checkpoint_version")
+        if version != CHECKPOINT_VERSION:
+            raise PnnError(
+                f"checkpoint {self.path / CHECKPOINT} has layout version {version}, this pnn reads "
+                f"version {CHECKPOINT_VERSION}; resume it with the pnn version that wrote it"
+            )
+        self.truncate_metrics(int(tree["metrics_lines"]))
+        return tree
+
+    # summary ------------------------------------------------------------------------
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        """Write the final summary atomically."""
+        atomic_write_json(self.path / SUMMARY, dict(summary))
+
+    def read_summary(self) -> dict[str, Any] | None:
+        """Return the summary, or None if the run has not finished."""
+        path = self.path / SUMMARY
+        if not path.exists():
+            return None
+        return json.loads(path.read_text())
+
+    def close(self) -> None:
+        """Close the metrics log."""
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
