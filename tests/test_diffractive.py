@@ -49,6 +49,7 @@ def reference_forward(node: DiffractiveNode, x: np.ndarray, rng: np.random.Gener
     reference_intensity = full_scale_power / (n * n)
     electrons_per_unit = cfg.reference_e / reference_intensity
     per_region = cfg.region_pixels**2
+    gain = 1.0 if node.activation.upper < np.inf else cfg.logit_gain
 
     a = np.zeros((x.shape[0], node.n_out))
     for b in range(x.shape[0]):
@@ -71,20 +72,21 @@ def reference_forward(node: DiffractiveNode, x: np.ndarray, rng: np.random.Gener
                     electrons = np.round(electrons / step) * step
                 sums[r] += electrons
         for j in range(node.n_out):
-            a[b, j] = (sums[2 * j] - sums[2 * j + 1]) / (cfg.reference_e * per_region)
+            a[b, j] = gain * (sums[2 * j] - sums[2 * j + 1]) / (cfg.reference_e * per_region)
     return a, node.activation.f(a)
 
 
 # ------------------------------------------------------------------------------- kernels
+@pytest.mark.parametrize("activation", ["tanh", "linear"])
 @pytest.mark.parametrize("region_pixels", [1, 2])
 @pytest.mark.parametrize("stage", [None, *STAGES])
-def test_forward_matches_reference(stage, region_pixels):
+def test_forward_matches_reference(stage, region_pixels, activation):
     config = only(stage, IDEAL.replace(region_pixels=region_pixels))
     if stage == "saturation":
         config = config.replace(full_well_e=1500.0)
     if stage == "quantization":
         config = config.replace(bit_depth=6)
-    node = DiffractiveNode(5, 3, config=config, rng=3, activation="tanh")
+    node = DiffractiveNode(5, 3, config=config, rng=3, activation=activation)
     x = np.random.default_rng(1).uniform(-1, 1, (4, 5))
     noise_rng = np.random.default_rng()
     noise_rng.bit_generator.state = node.rng.bit_generator.state
@@ -157,8 +159,9 @@ def test_default_distance_spreads_light_over_window():
 
 
 # ----------------------------------------------------------------------------- gradients
-def test_adjoint_gradient_matches_finite_differences():
-    node = DiffractiveNode(4, 3, config=IDEAL, rng=8, activation="tanh")
+@pytest.mark.parametrize("activation", ["tanh", "linear"])
+def test_adjoint_gradient_matches_finite_differences(activation):
+    node = DiffractiveNode(4, 3, config=IDEAL, rng=8, activation=activation)
     x = np.random.default_rng(3).uniform(-1, 1, (5, 4))
     node.forward(x)
     state = node.measure_state()

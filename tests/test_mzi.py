@@ -85,9 +85,10 @@ def reference_forward(node: MziNode, x: np.ndarray, rng: np.random.Generator) ->
     u = reference_matrix(node, node.phases)
 
     # Readout scales, from the documented formulas.
+    gain = 1.0 if node.activation.upper < np.inf else cfg.logit_gain
     p_ref = (node.n_in + cfg.bias_modes * cfg.bias_amplitude**2) / n
     transmission = 10 ** (-cfg.loss_db * (n - 1) / 10) if cfg.enabled("loss") else 1.0
-    current_ref = cfg.responsivity_a_per_w * cfg.power_mw * 1e-3 * p_ref * transmission
+    current_ref = cfg.responsivity_a_per_w * cfg.power_mw * 1e-3 * p_ref * transmission / gain
     bandwidth = cfg.bandwidth_ghz * 1e9
     full_scale = cfg.adc_full_scale if node.activation.upper < np.inf else cfg.output_full_scale
 
@@ -98,7 +99,7 @@ def reference_forward(node: MziNode, x: np.ndarray, rng: np.random.Generator) ->
         field_in[node.n_in : node.n_in + cfg.bias_modes] = cfg.bias_amplitude
         power = np.abs(u @ field_in) ** 2
         for j in range(node.n_out):
-            value = (power[2 * j] - power[2 * j + 1]) / (p_ref * transmission)
+            value = gain * (power[2 * j] - power[2 * j + 1]) / (p_ref * transmission)
             variance = 0.0
             if cfg.enabled("shot_noise"):
                 current = cfg.responsivity_a_per_w * cfg.power_mw * 1e-3 * (power[2 * j] + power[2 * j + 1])
@@ -117,13 +118,14 @@ def reference_forward(node: MziNode, x: np.ndarray, rng: np.random.Generator) ->
 
 
 # ------------------------------------------------------------------------------- kernels
+@pytest.mark.parametrize("activation", ["tanh", "linear"])
 @pytest.mark.parametrize("stage", [None, *STAGES])
-def test_forward_matches_reference(stage):
+def test_forward_matches_reference(stage, activation):
     config = only(stage)
     if stage in ("shot_noise", "dark_noise"):
         # Raise the noise so that a wrong draw order or scale would show.
         config = config.replace(power_mw=1e-4, dark_current_na=1e4)
-    node = MziNode(5, 3, config=config, rng=3, activation="tanh")
+    node = MziNode(5, 3, config=config, rng=3, activation=activation)
     x = np.random.default_rng(1).uniform(-1, 1, (6, 5))
     noise_rng = np.random.default_rng()
     noise_rng.bit_generator.state = node.rng.bit_generator.state
@@ -212,8 +214,9 @@ def finite_difference(node, inputs, error, name, eps=1e-6):
     return grad
 
 
-def test_adjoint_gradient_matches_finite_differences():
-    node = MziNode(5, 3, config=IDEAL, rng=8, activation="tanh")
+@pytest.mark.parametrize("activation", ["tanh", "linear"])
+def test_adjoint_gradient_matches_finite_differences(activation):
+    node = MziNode(5, 3, config=IDEAL, rng=8, activation=activation)
     x = np.random.default_rng(3).uniform(-1, 1, (7, 5))
     node.forward(x)
     state = node.measure_state()

@@ -18,10 +18,12 @@ Model of one layer mapping n_in inputs to n_out outputs:
    region a square of ``region_pixels`` pixels on a grid of cells, divided by the signal of one
    region at the reference intensity::
 
-       a_j = (S_2j - S_2j+1) / (reference_e * region_pixels**2)
+       a_j = g (S_2j - S_2j+1) / (reference_e * region_pixels**2)
 
    where the reference intensity is the mean camera intensity with every input at full scale
-   (total full-scale input power over the window's pixel count). The node's output is ``f(a)``.
+   (total full-scale input power over the window's pixel count). The readout gain g is 1 for a
+   bounded nonlinearity f and ``logit_gain`` for ``linear`` (an output layer). The node's output
+   is ``f(a)``.
 
 Camera stages, per pixel, in signal order (each switched off by :meth:`DiffractiveConfig.without`):
 ``shot_noise`` (Poisson statistics of the photoelectrons, Gaussian approximation),
@@ -102,6 +104,9 @@ class DiffractiveConfig(StageConfigMixin):
     region_pixels: int = 1
     """Side of each square camera output region, in camera pixels; the signals of its pixels are
     summed. One pixel per region trained the vowel task to higher accuracy than 2 x 2 regions."""
+    logit_gain: float = 4.0
+    """Gain of the readout of a node without a bounded nonlinearity (an output layer producing
+    logits): a is ``logit_gain`` times the region difference over the reference signal."""
     reference_e: float = 1000.0
     """Photoelectrons a camera pixel collects at the reference intensity (the mean camera
     intensity with every input at full scale); sets the exposure."""
@@ -125,7 +130,8 @@ class DiffractiveConfig(StageConfigMixin):
         self._check_stages()
         if self.slm_pixels is not None and (int(self.slm_pixels) != self.slm_pixels or self.slm_pixels < 2):
             raise ConfigError(f"diffractive slm_pixels must be None or an integer >= 2, got {self.slm_pixels}")
-        for name in ("pixel_pitch_um", "wavelength_nm", "max_phase_step", "bias_amplitude", "reference_e", "full_well_e"):
+        for name in ("pixel_pitch_um", "wavelength_nm", "max_phase_step", "bias_amplitude", "reference_e", "full_well_e",
+                     "logit_gain"):
             check_positive("diffractive", name, getattr(self, name))
         if self.distance_mm is not None:
             check_positive("diffractive", "distance_mm", self.distance_mm)
@@ -404,8 +410,10 @@ class DiffractiveNode(OpticalNode):
         )
         self.reference_intensity = input_power / (n * n)
         self._electrons_per_unit = cfg.reference_e / self.reference_intensity
-        self._region_scale = 1.0 / (cfg.reference_e * self._pixels_per_region)
-        self._model_intensity_scale = 1.0 / (self.reference_intensity * self._pixels_per_region)
+        # A node without a bounded nonlinearity produces logits, read with the logit gain.
+        self.readout_gain = 1.0 if self.activation.upper < np.inf else cfg.logit_gain
+        self._region_scale = self.readout_gain / (cfg.reference_e * self._pixels_per_region)
+        self._model_intensity_scale = self.readout_gain / (self.reference_intensity * self._pixels_per_region)
 
         levels = cfg.phase_levels if cfg.enabled("phase_levels") else None
         self._specs = {"phase": phase_spec((n, n), levels, cfg.max_phase_step, "SLM phase of each mask pixel")}

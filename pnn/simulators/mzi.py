@@ -21,10 +21,11 @@ amplitudes of modes 0..n_in-1 (a push-pull modulator per mode, where a negative 
 phase), ``bias_modes`` modes after them carry constant light of amplitude ``bias_amplitude``,
 and the other modes are dark. Output j is a balanced photodetector on modes 2j and 2j + 1::
 
-    a_j = (P_2j - P_2j+1) / P_ref,   P_ref = P_mode (n_in + bias_modes * bias_amplitude**2) / N
+    a_j = g (P_2j - P_2j+1) / P_ref,   P_ref = P_mode (n_in + bias_modes * bias_amplitude**2) / N
 
 where P_mode is the power of one mode at full-scale input, so P_ref is the mean power per mode
-with every input at full scale, and the node's output is ``f(a_j)`` for its nonlinearity f. With
+with every input at full scale, and the node's output is ``f(a_j)`` for its nonlinearity f. The
+readout gain g is 1 for a bounded f and ``logit_gain`` for ``linear`` (an output layer). With
 the bias light, ``a`` is a constant plus a linear plus a quadratic function of the inputs, so a
 layer of these nodes acts like a dense layer with a bias and a mild quadratic nonlinearity. A
 hidden node needs a bounded nonlinearity (tanh, hardtanh or sigmoid) to keep its outputs inside
@@ -148,9 +149,13 @@ class MziConfig(StageConfigMixin):
     """Resolution of the readout ADC, in bits including sign (``adc``)."""
     adc_full_scale: float = 4.0
     """Pre-activation at which the readout saturates, in units of P_ref (``saturation``)."""
-    output_full_scale: float | None = 8.0
+    output_full_scale: float | None = 16.0
     """Readout full scale for a node without a bounded nonlinearity (an output layer producing
-    logits), in units of P_ref; None uses ``adc_full_scale``."""
+    logits), in units of a after ``logit_gain``; None uses ``adc_full_scale``."""
+    logit_gain: float = 4.0
+    """Gain of the readout electronics of a node without a bounded nonlinearity (an output layer
+    producing logits): a is ``logit_gain`` times the balanced power difference over P_ref.
+    Larger logits let the softmax become confident; 4 trained the vowels better than 1 or 2."""
     gradient_method: str = "adjoint"
     """Method of ``local_gradient``: ``"adjoint"`` (ideal model) or ``"perturbation"`` (in situ)."""
     perturbation_phase: float = 0.05
@@ -171,7 +176,7 @@ class MziConfig(StageConfigMixin):
         check_positive("mzi", "max_phase_step", self.max_phase_step)
         for name in ("crosstalk", "splitter_error_dtod", "loss_db", "loss_db_dtod", "dark_current_na"):
             check_positive("mzi", name, getattr(self, name), allow_zero=True)
-        for name in ("bias_amplitude", "power_mw", "responsivity_a_per_w", "bandwidth_ghz", "adc_full_scale"):
+        for name in ("bias_amplitude", "power_mw", "responsivity_a_per_w", "bandwidth_ghz", "adc_full_scale", "logit_gain"):
             check_positive("mzi", name, getattr(self, name))
         if self.output_full_scale is not None:
             check_positive("mzi", "output_full_scale", self.output_full_scale)
@@ -724,21 +729,25 @@ class MziNode(OpticalNode):
         # Readout scales: P_ref is the mean power per mode with every input at full scale. The
         # readout gain is calibrated for the nominal loss of a path through the mesh (N - 1 MZIs
         # on average), so the device's a matches the ideal model's a on average.
+        # A node without a bounded nonlinearity produces logits, read with the logit gain.
+        bounded = self.activation.upper < np.inf
+        self.readout_gain = 1.0 if bounded else cfg.logit_gain
+        self.full_scale = cfg.adc_full_scale if bounded or cfg.output_full_scale is None else cfg.output_full_scale
         self.reference_power = (self.n_in + cfg.bias_modes * cfg.bias_amplitude**2) / self.n_modes
-        self.model_scale = 1.0 / self.reference_power
+        self.model_scale = self.readout_gain / self.reference_power
         self.path_transmission = 10.0 ** (-cfg.loss_db * (self.n_modes - 1) / 10.0) if cfg.enabled("loss") else 1.0
         self.detector_scale = self.model_scale / self.path_transmission
-        bounded = self.activation.upper < np.inf
-        self.full_scale = cfg.adc_full_scale if bounded or cfg.output_full_scale is None else cfg.output_full_scale
+        # Photocurrent that the readout maps to a = readout_gain, in A.
         reference_current = cfg.responsivity_a_per_w * cfg.power_mw * 1e-3 * self.reference_power * self.path_transmission
         bandwidth = cfg.bandwidth_ghz * 1e9
+        noise_scale = (self.readout_gain / reference_current) ** 2
         # Shot noise variance 2 q B I, with I = R P_mode (P_plus + P_minus), in units of a.
         self._shot_coefficient = (
-            2 * ELEMENTARY_CHARGE * bandwidth * cfg.responsivity_a_per_w * cfg.power_mw * 1e-3 / reference_current**2
+            2 * ELEMENTARY_CHARGE * bandwidth * cfg.responsivity_a_per_w * cfg.power_mw * 1e-3 * noise_scale
             if cfg.enabled("shot_noise") else 0.0
         )
         self._dark_variance = (
-            2 * 2 * ELEMENTARY_CHARGE * bandwidth * cfg.dark_current_na * 1e-9 / reference_current**2
+            2 * 2 * ELEMENTARY_CHARGE * bandwidth * cfg.dark_current_na * 1e-9 * noise_scale
             if cfg.enabled("dark_noise") else 0.0
         )
 
