@@ -449,3 +449,22 @@ def test_hadamard_codes_are_orthogonal():
     random_codes = perturbation_codes(13, 5, np.random.default_rng(0))
     assert random_codes.shape == (5, 13)
     assert set(np.unique(random_codes)) == {-1.0, 1.0}
+
+
+@pytest.mark.parametrize("at", ["output", "preactivation"])
+def test_fused_perturbation_matches_python_loop(at):
+    from pnn.simulators._optics import OpticalNode
+
+    config = MZI_PRESETS["default"].replace(gradient_method="perturbation", perturbation_samples=6)
+    x = np.random.default_rng(33).uniform(-1, 1, (5, 4))
+    error = np.random.default_rng(34).standard_normal((5, 3))
+    results = []
+    for estimate in (MziNode._perturbation_estimate, OpticalNode._perturbation_estimate):
+        node = MziNode(4, 3, config=config, rng=35)
+        node.forward(x)
+        state = node.measure_state()
+        # Bind the estimator under test, so both runs share every other step and random draw.
+        node._perturbation_estimate = estimate.__get__(node)
+        results.append(node.local_gradient(state, error, at=at))
+    for name in ("theta", "phi"):
+        np.testing.assert_allclose(results[0][name], results[1][name], rtol=1e-9, atol=1e-12)

@@ -216,9 +216,9 @@ register_device(
         description="rectangular mesh of Mach-Zehnder interferometers with balanced photodetection",
         presets=MZI_PRESETS,
         make_node=_make_mzi,
-        # Adam moves every phase by about the learning rate per step, and about 0.02 rad per
-        # step trained the vowels well, against the 3e-3 default for unit-scale weights.
-        lr_scale=7.0,
+        # Adam moves every phase by about the learning rate per step. About 0.01 rad per step
+        # trained the vowels to 96 % with the default 64-64 hidden layers (128-mode meshes).
+        lr_scale=10.0 / 3.0,
     )
 )
 

@@ -355,13 +355,35 @@ class OpticalNode(Node):
         step = cfg.perturbation_phase
         if resolution > 0:
             step = max(1.0, round(step / resolution)) * resolution
+        estimate = self._perturbation_estimate(x_applied, error, at, flat, codes, step)
+
+        # The perturbed runs may change cached transfer matrices; restore the current ones.
+        self._phases_changed()
+        grads = {}
+        start = 0
+        for name, shape, count in zip(names, sizes, counts):
+            grads[name] = estimate[start : start + count].reshape(shape)
+            start += count
+        return grads
+
+    def _perturbation_estimate(
+        self, x_applied: np.ndarray, error: np.ndarray, at: ErrorSite, flat: np.ndarray, codes: np.ndarray, step: float
+    ) -> np.ndarray:
+        """Return mean_k(code_k * central difference_k / (2 step)) over the codes, shape (n_params,).
+
+        ``flat`` holds every phase, parameter after parameter, and each code perturbs it by
+        +-``step``; every perturbed pair is measured on the device, the + run first.
+        """
+        names = list(self._specs)
         batch = error.shape[0]
 
         def measured_loss(phases_flat: np.ndarray) -> float:
             phases = {}
             start = 0
-            for name, shape, count in zip(names, sizes, counts):
-                phases[name] = wrap_phase(phases_flat[start : start + count].reshape(shape), self._specs[name].resolution)
+            for name in names:
+                spec = self._specs[name]
+                count = int(np.prod(spec.shape))
+                phases[name] = wrap_phase(phases_flat[start : start + count].reshape(spec.shape), spec.resolution)
                 start += count
             a, y = self._measure(x_applied, phases)
             signal = a if at == "preactivation" else y
@@ -371,16 +393,7 @@ class OpticalNode(Node):
         for code in codes:
             change = measured_loss(flat + step * code) - measured_loss(flat - step * code)
             estimate += (change / (2.0 * step)) * code
-        estimate /= codes.shape[0]
-
-        # The perturbed runs change cached transfer matrices; restore the current ones.
-        self._phases_changed()
-        grads = {}
-        start = 0
-        for name, shape, count in zip(names, sizes, counts):
-            grads[name] = estimate[start : start + count].reshape(shape)
-            start += count
-        return grads
+        return estimate / codes.shape[0]
 
     def input_gradient(self, state: NodeState, output_error: np.ndarray) -> np.ndarray:
         """Send an output error back to the inputs through the ideal model, per example."""
