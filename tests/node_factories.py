@@ -31,7 +31,7 @@ NODE_FACTORIES: dict[str, Callable[[], Node]] = {
     "mzi-perturbation": lambda: MziNode(
         6, 4, rng=0, name="mesh", config=MZI_PRESETS["default"].replace(gradient_method="perturbation")
     ),
-    "mzi-no-wrap": lambda: MziNode(6, 4, rng=0, name="mesh", config=MZI_PRESETS["default"].replace(phase_wrap=False)),
+    "mzi-coarse-phase": lambda: MziNode(6, 4, rng=0, name="mesh", config=MZI_PRESETS["default"].replace(phase_bits=5)),
     "diffractive-default": lambda: DiffractiveNode(6, 4, rng=0, name="slm"),
     "diffractive-ideal": lambda: DiffractiveNode(6, 4, rng=0, name="slm", config=DIFFRACTIVE_PRESETS["ideal"]),
     "diffractive-perturbation": lambda: DiffractiveNode(

@@ -192,7 +192,7 @@ def test_node_realises_decomposed_unitary():
     n = 6
     u = unitary_group.rvs(n, random_state=11)
     phases = decompose(u)
-    node = MziNode(5, 3, config=IDEAL.replace(phase_wrap=True), rng=0)
+    node = MziNode(5, 3, config=IDEAL, rng=0)
     assert node.n_modes == n
     node.set_parameters({"theta": phases.theta, "phi": phases.phi})
     # Intensity detection does not see the output phase screen.
@@ -315,23 +315,28 @@ def test_state_dict_restores_outputs():
 
 
 # ------------------------------------------------------------------------------- updates
-def test_update_wraps_phase():
+def test_setpoint_past_one_turn_wraps_on_device():
     node = MziNode(3, 2, config=IDEAL, rng=15)
     theta = np.full(node.parameters["theta"].shape, 6.2)
     node.set_parameters({"theta": theta})
     applied = node.apply_update({"theta": np.full_like(theta, 0.2)})
-    np.testing.assert_allclose(node.get_parameters()["theta"], 6.4 - 2 * np.pi, atol=1e-12)
-    # The returned change is new minus old, one turn less than the requested change.
-    np.testing.assert_allclose(applied["theta"], 0.2 - 2 * np.pi, atol=1e-12)
+    np.testing.assert_allclose(node.get_parameters()["theta"], 6.4, atol=1e-12)
+    np.testing.assert_allclose(applied["theta"], 0.2, atol=1e-12)
+    np.testing.assert_allclose(node.phases["theta"], 6.4 - 2 * np.pi, atol=1e-12)
+    # One turn more on every setpoint leaves the light unchanged.
+    x = np.random.default_rng(2).uniform(-1, 1, (3, 3))
+    before = node.forward(x)
+    node.set_parameters({"theta": theta + 0.2 - 2 * np.pi})
+    np.testing.assert_allclose(node.forward(x), before, atol=1e-12)
 
 
-def test_update_without_wrap_raises():
-    node = MziNode(3, 2, config=IDEAL.replace(phase_wrap=False), rng=15)
-    theta = np.full(node.parameters["theta"].shape, 6.2)
-    node.set_parameters({"theta": theta})
+def test_update_past_setpoint_range_raises():
+    node = MziNode(3, 2, config=IDEAL, rng=15)
+    top = node.parameters["theta"].upper_array.copy()
+    node.set_parameters({"theta": top - 0.1})
     with pytest.raises(LimitError, match="outside the allowed range"):
-        node.apply_update({"theta": np.full_like(theta, 0.2)})
-    np.testing.assert_allclose(node.get_parameters()["theta"], 6.2)
+        node.apply_update({"theta": np.full_like(top, 0.2)})
+    np.testing.assert_allclose(node.get_parameters()["theta"], top - 0.1)
 
 
 def test_small_updates_accumulate_below_resolution():

@@ -9,8 +9,9 @@ their edges:
 - Each output is a balanced (differential) detection: the power on one detector minus the power
   on its partner, in units of a reference power, so outputs are signed and centred near zero.
   The periphery applies the node's nonlinearity to that difference (the pre-activation).
-- The trainable parameters are phases in radians on [0, 2 pi). A phase shifter realises a phase
-  modulo 2 pi, so an update that crosses 2 pi is applied as the equivalent phase (``phase_wrap``).
+- The trainable parameters are phase setpoints in radians, within +-``PHASE_TURNS`` turns. A
+  phase shifter realises a setpoint modulo 2 pi, so the device applies the setpoint wrapped
+  into [0, 2 pi) and training never has to stop at the edge of one turn.
 - ``local_gradient`` uses either the adjoint of the ideal model at the measured inputs
   (``"adjoint"``) or simultaneous perturbations of every phase measured on the device
   (``"perturbation"``).
@@ -80,13 +81,25 @@ def dac_steps(bits: int, enabled: bool) -> int:
     return 2 ** (int(bits) - 1) - 1 if enabled else 0
 
 
+#: Phase setpoints may range over this many turns either side of zero.
+PHASE_TURNS = 16
+
+
 def phase_spec(shape: tuple[int, ...], levels: int | None, max_step: float, description: str) -> ParameterSpec:
-    """Return the spec of a phase array on [0, 2 pi), quantized to ``levels`` steps if given."""
+    """Return the spec of a phase setpoint array, quantized to ``levels`` steps per turn if given.
+
+    The limits are +-``PHASE_TURNS`` turns, whole multiples of 2 pi, so the grid
+    ``lower + k * resolution`` contains every multiple of the resolution. With levels,
+    ``max_step`` is rounded down to whole steps (at least one), so that a change within it never
+    rounds to a larger one.
+    """
+    bound = PHASE_TURNS * TWO_PI
     if levels is None:
-        return ParameterSpec(shape, 0.0, TWO_PI, "rad", max_step=max_step, description=description)
+        return ParameterSpec(shape, -bound, bound, "rad", max_step=max_step, description=description)
     resolution = TWO_PI / levels
+    steps = max(1.0, math.floor(max_step / resolution + 1e-9))
     return ParameterSpec(
-        shape, 0.0, TWO_PI - resolution, "rad", resolution=resolution, max_step=max_step, description=description
+        shape, -bound, bound, "rad", resolution=resolution, max_step=steps * resolution, description=description
     )
 
 
@@ -190,7 +203,7 @@ class StageConfigMixin:
 
 
 class OpticalNode(Node):
-    """Base class of the optical nodes: phase parameters, wrapped updates and gradients.
+    """Base class of the optical nodes: phase setpoints, accumulated updates and gradients.
 
     Subclasses set ``self._specs`` and ``self.phases`` (dict of name to float64 array) and
     implement :meth:`_measure` (the device with all enabled stages, for given phases) and
@@ -234,9 +247,11 @@ class OpticalNode(Node):
         self.seed = rng if isinstance(rng, (int, np.integer)) else None
         self.rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
         self._specs: dict[str, ParameterSpec] = {}
-        #: Phases on the device, on the phase grid, by parameter name.
+        #: Phase setpoints on the phase grid, by parameter name (the parameter values).
+        self.setpoints: dict[str, np.ndarray] = {}
+        #: Phases on the device: the setpoints wrapped into [0, 2 pi), by parameter name.
         self.phases: dict[str, np.ndarray] = {}
-        # Requested phases in float64; the device shows them rounded to its phase grid.
+        # Requested setpoints in float64; the device shows them rounded to its phase grid.
         self._targets: dict[str, np.ndarray] = {}
 
     # ------------------------------------------------------------------------ subclass hooks
@@ -266,27 +281,25 @@ class OpticalNode(Node):
         return self._specs
 
     def _read_parameters(self) -> dict[str, np.ndarray]:
-        return {name: value.copy() for name, value in self.phases.items()}
+        return {name: value.copy() for name, value in self.setpoints.items()}
 
     def _write_parameters(self, values: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         for name, value in values.items():
-            target = np.mod(np.asarray(value, dtype=FLOAT), TWO_PI)
+            spec = self._specs[name]
+            target = np.array(value, dtype=FLOAT)
             self._targets[name] = target
-            self.phases[name] = np.ascontiguousarray(wrap_phase(target, self._specs[name].resolution))
+            self.setpoints[name] = spec.quantize(target)
+            self.phases[name] = np.ascontiguousarray(wrap_phase(self.setpoints[name], spec.resolution))
         self._phases_changed()
-        return {name: self.phases[name].copy() for name in values}
+        return {name: self.setpoints[name].copy() for name in values}
 
     def apply_update(self, delta: Mapping[str, Any], *, clip: bool = False) -> dict[str, np.ndarray]:
         """Add ``delta`` to the phases and return the change actually applied.
 
-        Each change is checked against ``max_step`` (it raises, or is clipped if ``clip``). The
-        controller keeps every requested phase in float64 and the device shows it rounded to
-        its phase grid, so changes smaller than one step add up over updates instead of being
-        lost. With ``phase_wrap`` on (the default), a
-        phase leaving [0, 2 pi) is wrapped, because a phase shifter realises a phase modulo
-        2 pi. The returned change is the new value minus the old one, so it is off by 2 pi from
-        the requested change where a phase wrapped. With ``phase_wrap`` off, a phase leaving
-        [0, 2 pi) raises like any out-of-range value.
+        Each change is checked against ``max_step`` and the result against the limits (it
+        raises, or is clipped if ``clip``); nothing is written when it raises. The controller
+        keeps every requested setpoint in float64 and the device shows it rounded to its phase
+        grid, so changes smaller than one step add up over updates instead of being lost.
         """
         self._check_open()
         current = self._read_parameters()
@@ -295,9 +308,7 @@ class OpticalNode(Node):
             spec = self._specs[name]
             step = spec.check_shape(value, self._where(name))
             limited = spec.check_step(step, self._where(name), clip=clip)
-            target = self._targets[name] + limited
-            if not self.config.phase_wrap:
-                target = spec.check_range(target, self._where(name), clip=clip)
+            target = spec.check_range(self._targets[name] + limited, self._where(name), clip=clip)
             if clip:
                 self._count_clips(name, self._targets[name] + step, target)
             targets[name] = target

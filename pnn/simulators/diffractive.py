@@ -92,9 +92,6 @@ class DiffractiveConfig(StageConfigMixin):
     """Number of phase levels of the SLM over [0, 2 pi) (``phase_levels`` stage)."""
     max_phase_step: float = math.pi / 4
     """Largest change of one mask phase per update, in rad."""
-    phase_wrap: bool = True
-    """Apply an update that leaves [0, 2 pi) as the equivalent phase modulo 2 pi; when False it
-    raises like any out-of-range value."""
     input_dac_bits: int = 8
     """Resolution of the input amplitude modulator, in bits including sign (``input_dac``)."""
     bias_regions: int = 1
@@ -418,9 +415,7 @@ class DiffractiveNode(OpticalNode):
         levels = cfg.phase_levels if cfg.enabled("phase_levels") else None
         self._specs = {"phase": phase_spec((n, n), levels, cfg.max_phase_step, "SLM phase of each mask pixel")}
         initial = self.rng.uniform(0.0, TWO_PI, (n, n))
-        self.phases = {"phase": np.zeros((n, n))}
-        spec = self._specs["phase"]
-        self.set_parameters({"phase": spec.quantize(np.minimum(initial, spec.upper_array))})
+        self.set_parameters({"phase": initial})
 
     # ------------------------------------------------------------------------------ physics
     def _pad(self, window: np.ndarray) -> np.ndarray:

@@ -118,9 +118,6 @@ class MziConfig(StageConfigMixin):
     """Resolution of each phase shifter's DAC over [0, 2 pi), in bits (``phase_resolution``)."""
     max_phase_step: float = math.pi / 4
     """Largest change of one phase per update, in rad."""
-    phase_wrap: bool = True
-    """Apply an update that leaves [0, 2 pi) as the equivalent phase modulo 2 pi; when False it
-    raises like any out-of-range value."""
     crosstalk: float = 0.005
     """Phase induced on each same-kind shifter of the vertically adjacent MZIs in a column,
     relative to the aggressor's phase (``crosstalk``). The default is a residual after the
@@ -806,8 +803,7 @@ class MziNode(OpticalNode):
             if cfg.enabled("dark_noise") else 0.0
         )
 
-        self.phases = {name_: np.zeros(count) for name_ in self._specs}
-        self.set_parameters({k: self._specs[k].quantize(np.minimum(v, self._specs[k].upper_array)) for k, v in initial.items()})
+        self.set_parameters(initial)
 
     # ------------------------------------------------------------------------------ physics
     def effective_phases(self, phases: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
