@@ -9,6 +9,10 @@ Markdown table. Two cases per optical node:
 - ``update + forward``: a parameter update before every forward pass, as in training, so the
   transfer matrices are rebuilt each time.
 
+``pnn samples/s`` times the public calls (``forward``, ``apply_update``), which validate every
+input and update first; ``pnn kernels`` times the same work without those checks
+(``_forward`` and ``_write_parameters``), which is what the NumPy references do.
+
 Two NumPy references per optical node: ``propagate`` simulates the light as the model describes
 it (the mesh column by column; one angular-spectrum propagation per example, by FFT), and
 ``cached`` uses the same algorithm as the pnn kernels (a transfer matrix from the lit inputs to
@@ -266,16 +270,19 @@ def run(batch: int, repeats: int) -> list[dict]:
     rng = np.random.default_rng(0)
     rows = []
 
-    def record(simulator: str, shape: str, case: str, reference: str, ours: float, theirs: float) -> None:
+    def record(simulator: str, shape: str, case: str, reference: str, public: float, kernels: float,
+               theirs: float) -> None:
         rows.append(
             {
                 "simulator": simulator,
                 "shape": shape,
                 "case": case,
                 "reference": reference,
-                "pnn_samples_per_s": batch / ours,
+                "pnn_samples_per_s": batch / public,
+                "pnn_kernels_samples_per_s": batch / kernels,
                 "numpy_samples_per_s": batch / theirs,
-                "speedup": theirs / ours,
+                "speedup": theirs / public,
+                "speedup_kernels": theirs / kernels,
             }
         )
 
@@ -285,9 +292,10 @@ def run(batch: int, repeats: int) -> list[dict]:
     quiet = CrossbarNode(256, 128, rng=1, config=CROSSBAR_PRESETS["default"].without("read_noise"))
     check_same("crossbar", quiet.forward(x), crossbar_reference(quiet)(x, rng))
     reference = crossbar_reference(crossbar)
-    ours = time_per_call(lambda: crossbar.forward(x), repeats)
+    public = time_per_call(lambda: crossbar.forward(x), repeats)
+    kernels = time_per_call(lambda: crossbar._forward(x), repeats)
     theirs = time_per_call(lambda: reference(x, rng), repeats)
-    record("crossbar", "256 -> 128", "forward", "same algorithm", ours, theirs)
+    record("crossbar", "256 -> 128", "forward", "same algorithm", public, kernels, theirs)
 
     # MZI mesh: 31 inputs + 1 bias mode, 16 balanced outputs: 32 modes, 496 MZIs.
     config = MZI_PRESETS["default"]
@@ -297,13 +305,19 @@ def run(batch: int, repeats: int) -> list[dict]:
     for cls in (MziPropagateReference, MziCachedReference):
         check_same(f"mzi {cls.__name__}", quiet.forward(x), cls(quiet).forward(x, rng))
     shapes = {name: spec.shape for name, spec in mesh.parameters.items()}
-    ours_forward = time_per_call(lambda: mesh.forward(x), repeats)
+    public_forward = time_per_call(lambda: mesh.forward(x), repeats)
+    kernels_forward = time_per_call(lambda: mesh._forward(x), repeats)
 
     def mesh_step() -> None:
         mesh.apply_update(small_update(shapes, rng, 0.01))
         mesh.forward(x)
 
-    ours_step = time_per_call(mesh_step, repeats)
+    def mesh_step_kernels() -> None:
+        mesh._write_parameters({k: v + rng.uniform(-0.01, 0.01, v.shape) for k, v in mesh.setpoints.items()})
+        mesh._forward(x)
+
+    public_step = time_per_call(mesh_step, repeats)
+    kernels_step = time_per_call(mesh_step_kernels, repeats)
     for cls, label in ((MziPropagateReference, "propagate"), (MziCachedReference, "cached")):
         ref = cls(mesh)
 
@@ -312,8 +326,10 @@ def run(batch: int, repeats: int) -> list[dict]:
             ref.set_phases(phases["theta"], phases["phi"])
             ref.forward(x, rng)
 
-        record("mzi", "31 -> 16 (32 modes)", "forward", label, ours_forward, time_per_call(lambda ref=ref: ref.forward(x, rng), repeats))
-        record("mzi", "31 -> 16 (32 modes)", "update + forward", label, ours_step, time_per_call(ref_step, repeats))
+        theirs = time_per_call(lambda ref=ref: ref.forward(x, rng), repeats)
+        record("mzi", "31 -> 16 (32 modes)", "forward", label, public_forward, kernels_forward, theirs)
+        theirs = time_per_call(ref_step, repeats)
+        record("mzi", "31 -> 16 (32 modes)", "update + forward", label, public_step, kernels_step, theirs)
 
     # Diffractive layer: 12 -> 7, default preset (16 x 16 mask on a 32 x 32 grid).
     config = DIFFRACTIVE_PRESETS["default"]
@@ -323,13 +339,20 @@ def run(batch: int, repeats: int) -> list[dict]:
     for cls in (DiffractivePropagateReference, DiffractiveCachedReference):
         check_same(f"diffractive {cls.__name__}", quiet.forward(x), cls(quiet).forward(x, rng))
     shape_text = f"12 -> 7 ({layer.slm_pixels}x{layer.slm_pixels} mask)"
-    ours_forward = time_per_call(lambda: layer.forward(x), repeats)
+    public_forward = time_per_call(lambda: layer.forward(x), repeats)
+    kernels_forward = time_per_call(lambda: layer._forward(x), repeats)
 
     def layer_step() -> None:
         layer.apply_update({"phase": rng.uniform(-0.01, 0.01, layer.parameters["phase"].shape)})
         layer.forward(x)
 
-    ours_step = time_per_call(layer_step, repeats)
+    def layer_step_kernels() -> None:
+        setpoint = layer.setpoints["phase"]
+        layer._write_parameters({"phase": setpoint + rng.uniform(-0.01, 0.01, setpoint.shape)})
+        layer._forward(x)
+
+    public_step = time_per_call(layer_step, repeats)
+    kernels_step = time_per_call(layer_step_kernels, repeats)
     for cls, label in ((DiffractivePropagateReference, "propagate"), (DiffractiveCachedReference, "cached")):
         ref = cls(layer)
 
@@ -337,20 +360,24 @@ def run(batch: int, repeats: int) -> list[dict]:
             ref.set_phases(layer.phases["phase"] + rng.uniform(-0.01, 0.01, layer.phases["phase"].shape))
             ref.forward(x, rng)
 
-        record("diffractive", shape_text, "forward", label, ours_forward, time_per_call(lambda ref=ref: ref.forward(x, rng), repeats))
-        record("diffractive", shape_text, "update + forward", label, ours_step, time_per_call(ref_step, repeats))
+        theirs = time_per_call(lambda ref=ref: ref.forward(x, rng), repeats)
+        record("diffractive", shape_text, "forward", label, public_forward, kernels_forward, theirs)
+        theirs = time_per_call(ref_step, repeats)
+        record("diffractive", shape_text, "update + forward", label, public_step, kernels_step, theirs)
     return rows
 
 
 def markdown(rows: list[dict], batch: int) -> str:
     lines = [
-        f"| simulator | layer | case (batch {batch}) | NumPy reference | pnn samples/s | NumPy samples/s | speed-up |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: |",
+        f"| simulator | layer | case (batch {batch}) | NumPy reference | pnn samples/s | pnn kernels samples/s "
+        "| NumPy samples/s | speed-up | speed-up of kernels |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         lines.append(
             f"| {row['simulator']} | {row['shape']} | {row['case']} | {row['reference']} | "
-            f"{row['pnn_samples_per_s']:,.0f} | {row['numpy_samples_per_s']:,.0f} | {row['speedup']:.1f}x |"
+            f"{row['pnn_samples_per_s']:,.0f} | {row['pnn_kernels_samples_per_s']:,.0f} | "
+            f"{row['numpy_samples_per_s']:,.0f} | {row['speedup']:.1f}x | {row['speedup_kernels']:.1f}x |"
         )
     return "\n".join(lines)
 
