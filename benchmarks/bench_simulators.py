@@ -10,8 +10,8 @@ Markdown table. Two cases per optical node:
   transfer matrices are rebuilt each time.
 
 ``pnn samples/s`` times the public calls (``forward``, ``apply_update``), which validate every
-input and update first; ``pnn kernels`` times the same work without those checks
-(``_forward`` and ``_write_parameters``), which is what the NumPy references do.
+input and update first. ``pnn kernels`` times the same work without those checks
+(``_forward`` and ``_write_parameters``), because the NumPy references do no checks either.
 
 Two NumPy references per optical node: ``propagate`` simulates the light as the model describes
 it (the mesh column by column; one angular-spectrum propagation per example, by FFT), and

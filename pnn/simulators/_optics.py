@@ -341,7 +341,7 @@ class OpticalNode(Node):
         taken at the measured pre-activation. ``gradient_method="perturbation"`` measures
         ``sum(error * output)`` on the device while every phase is perturbed by +-
         ``perturbation_phase`` with orthogonal (or random) sign codes, and correlates the
-        central differences with the codes; it needs ``2 * n_codes`` extra device runs of the
+        central differences with the codes. It needs ``2 * n_codes`` extra device runs of the
         batch and leaves the node's measured state unchanged.
         """
         error = self.check_error(state, output_error, at=at)
@@ -382,7 +382,7 @@ class OpticalNode(Node):
     ) -> np.ndarray:
         """Return mean_k(code_k * central difference_k / (2 step)) over the codes, shape (n_params,).
 
-        ``flat`` holds every phase, parameter after parameter, and each code perturbs it by
+        ``flat`` contains every phase, parameter after parameter, and each code perturbs it by
         +-``step``; every perturbed pair is measured on the device, the + run first.
         """
         names = list(self._specs)

@@ -13,7 +13,7 @@ Model of one layer mapping n_in inputs to n_out outputs:
    ``padding`` times wider than the window (:func:`propagate`). The grid is periodic, so light
    that leaves it re-enters on the other side. The default distance keeps the main diffraction
    lobe of every pixel inside the grid.
-4. The camera sees the central ``n x n`` window with pixels of the same pitch. Output j is the
+4. The camera images the central ``n x n`` window with pixels of the same pitch. Output j is the
    sum of the pixels of region 2j minus the sum of region 2j + 1 (differential detection), each
    region a square of ``region_pixels`` pixels on a grid of cells, divided by the signal of one
    region at the reference intensity::
