@@ -93,7 +93,7 @@ class PhysicalNoProp:
     run
         Run folder for the configuration, metrics and checkpoints; None keeps nothing on disk.
     progress
-        Show a tqdm progress bar per epoch.
+        Show a tqdm progress bar for the run, and a line per epoch for epochs of 2 s or more.
     node_factory
         Builds a node of the network's device kind, for rules that need extra physical nodes
         (physical feedback).
@@ -263,22 +263,26 @@ class PhysicalNoProp:
 
     def _train_loop(self, x_train, y_train, x_test, y_test, stop_requested: Callable[[], bool]) -> None:
         n = len(x_train)
+        n_batches = -(-n // self.batch_size)
         start_epoch, start_batch = self._position
-        for epoch in range(start_epoch, self.epochs):
-            lr = lr_at_epoch(self.lr, epoch, self.epochs, self.lr_schedule)
-            for opt in self.optimizers_.values():
-                opt.lr = lr
-            batches = list(iterate_batches(n, self.batch_size, epoch_order(n, self.seed, epoch)))
-            epoch_started = time.perf_counter()
-            first = start_batch if epoch == start_epoch else 0
-            if first == 0:
-                self._epoch_sums = {"loss": 0.0, "correct": 0, "seen": 0, "rejected": 0, "clipped": 0}
-            bar = tqdm(
-                total=len(batches), initial=first, desc=f"epoch {epoch + 1}/{self.epochs}",
-                unit="batch", disable=not self.progress, leave=False, dynamic_ncols=True,
-            )
-            consecutive_invalid = 0
-            with bar:
+        # One bar for the whole run: short epochs (the vowels) would otherwise flood the terminal.
+        bar = tqdm(
+            total=self.epochs * n_batches, initial=start_epoch * n_batches + start_batch, unit="batch",
+            disable=not self.progress, leave=False, dynamic_ncols=True,
+        )
+        last_test = self.history_[-1].get("test_accuracy") if self.history_ else None
+        with bar:
+            for epoch in range(start_epoch, self.epochs):
+                bar.set_description(f"epoch {epoch + 1}/{self.epochs}")
+                lr = lr_at_epoch(self.lr, epoch, self.epochs, self.lr_schedule)
+                for opt in self.optimizers_.values():
+                    opt.lr = lr
+                batches = list(iterate_batches(n, self.batch_size, epoch_order(n, self.seed, epoch)))
+                epoch_started = time.perf_counter()
+                first = start_batch if epoch == start_epoch else 0
+                if first == 0:
+                    self._epoch_sums = {"loss": 0.0, "correct": 0, "seen": 0, "rejected": 0, "clipped": 0}
+                consecutive_invalid = 0
                 for b in range(first, len(batches)):
                     idx = batches[b]
                     accepted = self._step(epoch, b, x_train[idx], y_train[idx], lr)
@@ -287,7 +291,10 @@ class PhysicalNoProp:
                     bar.update(1)
                     sums = self._epoch_sums
                     if sums["seen"]:
-                        bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.4f}", acc=f"{sums['correct'] / sums['seen']:.3f}")
+                        postfix = {"loss": f"{sums['loss'] / sums['seen']:.4f}", "acc": f"{sums['correct'] / sums['seen']:.3f}"}
+                        if last_test is not None:
+                            postfix["test"] = f"{last_test:.3f}"
+                        bar.set_postfix(postfix, refresh=False)
                     if consecutive_invalid >= self.max_consecutive_invalid:
                         self._checkpoint()
                         raise TrainingStopped(
@@ -304,11 +311,12 @@ class PhysicalNoProp:
                             f"interrupted at epoch {epoch + 1}, batch {b + 1} of {len(batches)}; "
                             f"safe state applied and checkpoint written{where}"
                         )
-            record = self._end_epoch(epoch, lr, x_test, y_test, time.perf_counter() - epoch_started)
-            self._position = (epoch + 1, 0)
-            self._checkpoint()
-            for callback in self.callbacks:
-                callback(self, record)
+                record = self._end_epoch(epoch, lr, x_test, y_test, time.perf_counter() - epoch_started)
+                last_test = record.get("test_accuracy", last_test)
+                self._position = (epoch + 1, 0)
+                self._checkpoint()
+                for callback in self.callbacks:
+                    callback(self, record)
 
     def _step(self, epoch: int, batch: int, x: np.ndarray, y: np.ndarray, lr: float) -> bool:
         """Run one batch; return False if it was rejected."""
@@ -349,7 +357,7 @@ class PhysicalNoProp:
         sums["clipped"] += clipped
         if self.run is not None:
             record = {
-                "kind": "step", "epoch": epoch, "batch": batch, "step": self.n_steps_,
+                "kind": "step", "epoch": epoch, "batch": batch, "step": self.n_steps_, "time": time.time(),
                 "loss": result.loss, "accuracy": correct / len(y), "lr": lr, "clipped": clipped,
             }
             record.update(result.extras)
@@ -380,7 +388,8 @@ class PhysicalNoProp:
         if x_test is not None:
             message += f", test accuracy {record['test_accuracy']:.4f}"
         log.info(message)
-        if self.progress:
+        # Epochs of a few seconds or more get a line each; faster ones only update the bar.
+        if self.progress and seconds >= 2.0:
             tqdm.write(message)
         return record
 

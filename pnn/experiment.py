@@ -191,7 +191,8 @@ def train(
         "rule": config.rule,
         "device": "station" if config.station else config.device,
         "preset": config.preset,
-        "hidden": config.hidden,
+        # Widths of the network as built (a station's nodes set them, not the hidden option).
+        "widths": [network.nodes[i].n_out for i in network.trainable_indices],
         "epochs": config.epochs,
         "train_accuracy": train_metrics["accuracy"],
         "train_loss": train_metrics["loss"],

@@ -39,3 +39,15 @@ NODE_FACTORIES: dict[str, Callable[[], Node]] = {
         config=DIFFRACTIVE_PRESETS["default"].replace(gradient_method="perturbation", slm_pixels=8),
     ),
 }
+
+# Instrument nodes on emulators, through the real pyvisa-py and pyserial code paths. Closing
+# the node applies its safe state, closes the station and stops its emulator.
+from pnn.emulators import emulated_node  # noqa: E402
+
+NODE_FACTORIES.update({
+    "instrument-scpi": lambda: emulated_node("scpi", 6, 4, seed=0, timeout_s=2.0),
+    "instrument-serial": lambda: emulated_node("serial", 6, 4, seed=0, transfer="ascii", timeout_s=2.0),
+    "instrument-scpi-point-perturbation": lambda: emulated_node(
+        "scpi", 6, 4, seed=0, mode="point", gradient="perturbation", timeout_s=2.0
+    ),
+})

@@ -242,3 +242,57 @@ def drifted_kernel(g, t_prog, nu, now, t_ref):
             age = now - t_prog[r, i] + t_ref
             out[r, i] = g[r, i] * (age / t_ref) ** (-nu[r, i])
     return out
+
+
+@njit(cache=True)
+def update_ideal_kernel(g, buffer, weights, weights32, request, scale, level_step, max_pulses, mode,
+                        g_min, g_max, snap, rng):
+    """Pulse counting and ideal programming in one pass, keeping the weight caches current.
+
+    The fast path of :func:`pulse_counts_kernel` followed by :func:`program_ideal_kernel` for
+    identical, linear, drift-free devices. ``request`` is in weight units and ``scale`` converts
+    microsiemens to weight units; ``weights`` (float64) and ``weights32`` (float32) are flat
+    views of the node's current weights and are updated in place. Returns the applied change in
+    weight units.
+    """
+    span = g_max - g_min
+    n = request.size
+    applied = np.empty(n)
+    for i in range(n):
+        wanted = request[i] / scale
+        pulses = wanted / level_step
+        if mode == 1:
+            buffer[i] += wanted
+            pulses = np.trunc(buffer[i] / level_step)
+            if pulses > max_pulses:
+                pulses = max_pulses
+            elif pulses < -max_pulses:
+                pulses = -max_pulses
+            buffer[i] -= pulses * level_step
+        elif mode == 2:
+            lower = np.floor(pulses)
+            if rng.random() < pulses - lower:
+                lower += 1.0
+            pulses = lower
+        if pulses == 0.0:
+            applied[i] = 0.0
+            continue
+        diff = g[0, i] - g[1, i]
+        target = diff + pulses * level_step
+        if target > span:
+            target = span
+        elif target < -span:
+            target = -span
+        if snap:
+            target = np.round(target / level_step) * level_step
+        if target >= 0:
+            g[0, i] = g_min + target
+            g[1, i] = g_min
+        else:
+            g[0, i] = g_min
+            g[1, i] = g_min - target
+        new_weight = (g[0, i] - g[1, i]) * scale
+        applied[i] = new_weight - weights[i]
+        weights[i] = new_weight
+        weights32[i] = new_weight
+    return applied

@@ -418,11 +418,7 @@ class CrossbarNode(Node):
         return (self.w_max if name == "weight" else self.b_max) / self.g_span
 
     def _read_parameters(self) -> dict[str, np.ndarray]:
-        values = {}
-        for key, spec in self._specs.items():
-            g = self._read_conductances(key)
-            values[key] = ((g[0] - g[1]) * self._scale(key)).reshape(spec.shape)
-        return values
+        return {key: self._weights[key].reshape(spec.shape) for key, spec in self._specs.items()}
 
     def _program_exact(self, values: Mapping[str, np.ndarray]) -> None:
         """Program pairs straight to the given weights (already in range and quantized).
@@ -449,9 +445,13 @@ class CrossbarNode(Node):
         return {name: current[name] for name in values}
 
     def _refresh(self) -> None:
-        weights = self._read_parameters()
-        self._w = np.ascontiguousarray(weights["weight"], dtype=FLOAT)
-        self._b = np.ascontiguousarray(weights["bias"], dtype=FLOAT)
+        """Recompute the weight caches from the conductances as read now."""
+        self._weights = {}
+        for key in self._specs:
+            g = self._read_conductances(key)
+            self._weights[key] = (g[0] - g[1]) * self._scale(key)
+        self._w = self._weights["weight"].astype(FLOAT).reshape(self.n_out, self.n_in)
+        self._b = self._weights["bias"].astype(FLOAT)
 
     # ------------------------------------------------------------------------------ forward
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -478,16 +478,7 @@ class CrossbarNode(Node):
         the returned change is the one programmed.
         """
         self._check_open()
-        current = self._read_parameters()
-        requests = {}
-        for name, value in self._known(delta).items():
-            spec = self._specs[name]
-            step = spec.check_shape(value, self._where(name))
-            limited = spec.check_step(step, self._where(name), clip=clip)
-            target = spec.check_range(current[name] + limited, self._where(name), clip=clip)
-            if clip:
-                self._count_clips(name, current[name] + step, target)
-            requests[name] = target - current[name]
+        requests = self._checked_requests(self._read_parameters(), delta, clip)
 
         cfg = self.config
         if not cfg.enabled("conductance_levels"):
@@ -497,6 +488,17 @@ class CrossbarNode(Node):
         else:
             mode = 2
         applied = {}
+        if self._ideal_devices and not cfg.active("drift"):
+            caches32 = {"weight": self._w.reshape(-1), "bias": self._b}
+            for name, request in requests.items():
+                applied[name] = kernels.update_ideal_kernel(
+                    self._g[name], self._buffer[name], self._weights[name], caches32[name],
+                    np.ascontiguousarray(request).reshape(-1), self._scale(name), self.level_step_g,
+                    float(cfg.max_pulses_per_update), mode, cfg.g_min, cfg.g_max,
+                    cfg.enabled("conductance_levels"), self.rng,
+                ).reshape(request.shape)
+            return applied
+
         for name, request in requests.items():
             scale = self._scale(name)
             counts = kernels.pulse_counts_kernel(

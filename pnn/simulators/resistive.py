@@ -434,22 +434,18 @@ class ResistiveNode(Node):
         """
         self._check_open()
         current = self._read_parameters()
-        targets = {}
-        for key, value in self._known(delta).items():
-            spec = self._specs[key]
-            step = spec.check_shape(value, self._where(key))
-            limited = spec.check_step(step, self._where(key), clip=clip)
-            target = spec.check_range(current[key] + limited, self._where(key), clip=clip)
-            if clip:
-                self._count_clips(key, current[key] + step, target)
-            targets[key] = target
+        targets = {
+            key: current[key] + request for key, request in self._checked_requests(current, delta, clip).items()
+        }
 
         applied = {}
         for key, target in targets.items():
             if self.config.enabled("conductance_levels"):
                 level = self.config.level_step
                 buffer = self._buffer[key] + (target - current[key])
-                pulses = np.trunc(buffer / level)
+                # The buffer's remainder may not push a change past the maximum step.
+                max_pulses = np.floor(self._specs[key].max_step / level + 1e-9)
+                pulses = np.clip(np.trunc(buffer / level), -max_pulses, max_pulses)
                 programmed = self._specs[key].quantize(current[key] + pulses * level)
                 self._buffer[key] = buffer - (programmed - current[key])
             else:
