@@ -5,6 +5,6 @@ the real registries.
 """
 
 RULE_NAMES = ("dfa",)
-DEVICE_NAMES = ("crossbar", "resistive", "digital")
+DEVICE_NAMES = ("crossbar", "resistive", "mzi", "diffractive", "digital")
 DATASET_NAMES = ("vowels", "mnist")
 FEEDBACK_NAMES = ("random", "identity", "physical")

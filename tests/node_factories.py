@@ -15,6 +15,8 @@ from pnn.network import DigitalLinear
 from pnn.nodes import Node
 from pnn.simulators.crossbar import CROSSBAR_PRESETS, CrossbarNode
 from pnn.simulators.resistive import RESISTIVE_PRESETS, ResistiveNode
+from pnn.simulators.diffractive import DIFFRACTIVE_PRESETS, DiffractiveNode
+from pnn.simulators.mzi import MZI_PRESETS, MziNode
 
 
 def _crossbar_twin(node: Node) -> DigitalTwin:
@@ -40,6 +42,18 @@ NODE_FACTORIES: dict[str, Callable[[], Node]] = {
     "calibration-twin-gradient": _twin_gradient,
     "calibration-corrected": lambda: CalibratedNode(CrossbarNode(6, 4, rng=0, name="xbar"), gain=[1.1, 0.9, 1.0, 1.2], offset=0.05),
     "calibration-output-drift": lambda: OutputDrift(CrossbarNode(6, 4, rng=0, name="xbar"), gain_rate=1e-3, offset_rate=-1e-3),
+    "mzi-default": lambda: MziNode(6, 4, rng=0, name="mesh"),
+    "mzi-ideal": lambda: MziNode(6, 4, rng=0, name="mesh", config=MZI_PRESETS["ideal"]),
+    "mzi-perturbation": lambda: MziNode(
+        6, 4, rng=0, name="mesh", config=MZI_PRESETS["default"].replace(gradient_method="perturbation")
+    ),
+    "mzi-coarse-phase": lambda: MziNode(6, 4, rng=0, name="mesh", config=MZI_PRESETS["default"].replace(phase_bits=5)),
+    "diffractive-default": lambda: DiffractiveNode(6, 4, rng=0, name="slm"),
+    "diffractive-ideal": lambda: DiffractiveNode(6, 4, rng=0, name="slm", config=DIFFRACTIVE_PRESETS["ideal"]),
+    "diffractive-perturbation": lambda: DiffractiveNode(
+        6, 4, rng=0, name="slm",
+        config=DIFFRACTIVE_PRESETS["default"].replace(gradient_method="perturbation", slm_pixels=8),
+    ),
 }
 
 # Instrument nodes on emulators, through the real pyvisa-py and pyserial code paths. Closing
