@@ -361,14 +361,19 @@ class CrossbarNode(Node):
         return {k: (self.g_plus[k] - self.g_minus[k]) * self._scale(k) for k in self._specs}
 
     def _program_exact(self, values: Mapping[str, np.ndarray]) -> None:
-        """Program pairs to the given weights (already in range and quantized)."""
+        """Program pairs to the given weights (already in range and quantized).
+
+        The update buffers are left as they are, because they contain updates not yet programmed
+        that still apply after the weights are set and restored. Perturbative rules set and
+        restore the weights every step, and clearing the buffers there would discard every
+        update below one level.
+        """
         for name, value in values.items():
             diff = np.clip(np.asarray(value, dtype=np.float64) / self._scale(name), -self.g_span, self.g_span)
             if self.config.enabled("conductance_levels"):
                 diff = np.round(diff / self.level_step_g) * self.level_step_g
             self.g_plus[name] = self.config.g_min + np.maximum(diff, 0.0)
             self.g_minus[name] = self.config.g_min + np.maximum(-diff, 0.0)
-            self.buffer[name][...] = 0.0
         self._refresh()
 
     def _write_parameters(self, values: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
