@@ -99,14 +99,12 @@ class MGD(ParameterPerturbationRule):
 
     def setup(self, network: PhysicalNetwork, context: RuleContext) -> None:
         super().setup(network, context)
-        # Every trainable element in a fixed order: (node position, parameter name, flat index).
-        self.elements_ = [
-            (i, name, k)
-            for i in network.trainable_indices
-            for name, spec in network[i].parameters.items()
-            for k in range(int(np.prod(spec.shape)))
-        ]
-        self.n_slots_ = -(-len(self.elements_) // self.slot_size)
+        # Every trainable element in a fixed order: parameter arrays in node order, each
+        # flattened. ``offsets_[j]`` is the flat position of array j's first element.
+        self.arrays_ = [(i, name) for i in network.trainable_indices for name in network[i].parameters]
+        sizes = [int(np.prod(network[i].parameters[name].shape)) for i, name in self.arrays_]
+        self.offsets_ = np.concatenate([[0], np.cumsum(sizes)])
+        self.n_slots_ = -(-int(self.offsets_[-1]) // self.slot_size)
 
     @property
     def steps_per_window(self) -> int:
@@ -121,9 +119,20 @@ class MGD(ParameterPerturbationRule):
             for i, params in base.items()
         }
 
+    def _slot_members(self, slot: int) -> list[tuple[int, str, int]]:
+        """Return (node position, parameter name, flat index) of every element in ``slot``."""
+        start = slot * self.slot_size
+        stop = min(start + self.slot_size, int(self.offsets_[-1]))
+        members = []
+        for position in range(start, stop):
+            j = int(np.searchsorted(self.offsets_, position, side="right")) - 1
+            i, name = self.arrays_[j]
+            members.append((i, name, position - int(self.offsets_[j])))
+        return members
+
     def _slot_offsets(self, base: NodeArrays, slot: int, perturbed: set[int], rng: np.random.Generator) -> NodeArrays:
         """Return offsets for the nodes of ``slot`` and for those still perturbed (set back to zero)."""
-        members = self.elements_[slot * self.slot_size : (slot + 1) * self.slot_size]
+        members = self._slot_members(slot)
         signs = np.ones(len(members)) if len(members) == 1 else rademacher(rng, (len(members),))
         touched = perturbed | {i for i, _, _ in members}
         # Every parameter of a touched node is written, so the last slot's offset is cleared.
