@@ -40,10 +40,11 @@ DEFAULT_PERTURBATION = 1e-3
 
 #: Resolution steps of a quantized parameter's perturbation when the ``perturbation`` option is
 #: unset. On the default crossbar preset, one step changes a batch-mean loss less than the read
-#: noise does; 4 steps trained the vowels better than 2 or 8.
+#: noise does, and 4 steps trained the vowels better than 2 or 8 (``wp`` with 16 directions and
+#: batches of 32: 67, 61 and 53 % test accuracy).
 DEFAULT_STEPS = 4
 
-#: Gradients per node position, then per parameter name.
+#: Arrays (values, offsets or gradients) by node position, then by parameter name.
 NodeArrays = dict[int, dict[str, np.ndarray]]
 
 
@@ -54,7 +55,7 @@ def check_perturbation_option(rule: str, value: float | None, label: str = "pert
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"rule {rule!r}: {label} must be a positive number, got {value!r}")
     if not (math.isfinite(value) and value > 0):
-        raise ConfigError(f"rule {rule!r}: {label} must be a positive number, got {value}; try 1e-3")
+        raise ConfigError(f"rule {rule!r}: {label} must be a positive number, got {value}")
     return float(value)
 
 
@@ -66,7 +67,7 @@ def check_count_option(rule: str, value: int, label: str) -> int:
 
 
 def perturbation_sizes(
-    network: PhysicalNetwork, rule: str, perturbation: float | None, steps: int = 1
+    network: PhysicalNetwork, rule: str, perturbation: float | None, steps: int = DEFAULT_STEPS
 ) -> NodeArrays:
     """Return the perturbation size of every trainable parameter array, checked against its spec.
 
@@ -108,7 +109,8 @@ def perturbation_sizes(
                     raise ConfigError(
                         f"rule {rule!r}: perturbation {size:g} is smaller than the resolution "
                         f"{spec.resolution:g}{unit} of {where}, so the device would not move; use a "
-                        f"perturbation of at least {spec.resolution:g}, or leave it unset to use one step"
+                        f"perturbation of at least {spec.resolution:g}, or leave it unset to use "
+                        "perturbation_steps resolution steps"
                     )
                 if spec.resolution > 0:
                     ratio = size / spec.resolution
@@ -122,7 +124,8 @@ def perturbation_sizes(
             if 2 * size > span:
                 raise ConfigError(
                     f"rule {rule!r}: perturbation {size:g}{unit} is more than half the range "
-                    f"{spec.range_text()} of {where}; use a perturbation below {span / 2:g}"
+                    f"{spec.range_text()} of {where}; use a perturbation (or perturbation_steps times "
+                    f"the resolution) below {span / 2:g}"
                 )
             sizes[i][name] = np.float64(size)
     return sizes
@@ -181,15 +184,18 @@ class ParameterPerturber:
         ------
         PnnError
             If a node reports a value that differs from ``base`` by more than half its
-            resolution (or at all, for a continuous parameter held in float64), which means the
-            device did not return to where it was.
+            resolution (by more than 1e-6 of its magnitude, for a continuous parameter), which
+            means the device did not return to where it was.
         """
         for i, values in base.items():
             node = self.network[i]
             written = node.set_parameters(values)
             for name, value in written.items():
                 spec = node.parameters[name]
-                tolerance = 0.5 * spec.resolution if spec.resolution > 0 else 1e-6 * max(1.0, float(np.max(np.abs(value))))
+                if spec.resolution > 0:
+                    tolerance = 0.5 * spec.resolution
+                else:
+                    tolerance = 1e-6 * max(1.0, float(np.max(np.abs(value))))
                 worst = float(np.max(np.abs(value - values[name])))
                 if worst > tolerance:
                     raise PnnError(

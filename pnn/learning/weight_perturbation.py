@@ -119,9 +119,8 @@ class SPSA(ParameterPerturbationRule):
     directions
         Random directions averaged per batch; each costs two forward passes.
     stability
-        Spall's stability constant ``A``. He suggests about a tenth of the planned iterations;
-        the default 1000 halves ``a_k`` over the first 2000 iterations, and trained the vowels
-        with Adam better than 0 or 100 did.
+        Spall's stability constant ``A``. He suggests about a tenth of the planned iterations,
+        and the default 1000 is that for a 10-epoch MNIST run (9380 batches of 64).
     alpha, gamma
         Decay exponents of ``a_k`` and ``c_k``; Spall's practical values are 0.602 and 0.101.
         Zero keeps that gain constant.
