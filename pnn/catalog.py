@@ -4,7 +4,11 @@ Kept free of heavy imports so that ``pnn --help`` stays fast; a test checks thes
 the real registries.
 """
 
-RULE_NAMES = ("dfa",)
+RULE_NAMES = (
+    "dfa",
+    "wp", "np", "spsa", "mgd",
+    "local-direct", "local-recon", "local-contrast", "local-predict", "local-pseudo",
+)
 DEVICE_NAMES = ("crossbar", "resistive", "mzi", "diffractive", "digital")
 DATASET_NAMES = ("vowels", "mnist")
 FEEDBACK_NAMES = ("random", "identity", "physical")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .activations import get_activation
-from .errors import ConfigError, PnnError
+from .errors import ConfigError, MeasurementError, PnnError
 from .nodes import ErrorSite, Node, NodeState, ParameterSpec
 
 __all__ = ["PhysicalNetwork", "DigitalLinear", "Encoder", "Readout"]
@@ -264,6 +264,9 @@ class PhysicalNetwork:
                 )
         self.nodes = nodes
         self._states: list[NodeState] | None = None
+        #: Perturbations actually added in the last :meth:`forward`, by node position, each of
+        #: shape (batch, n_out); empty when that pass had none.
+        self.applied_perturbations: dict[int, np.ndarray] = {}
 
     @property
     def n_in(self) -> int:
@@ -294,15 +297,78 @@ class PhysicalNetwork:
         """Positions of the nodes that have trainable parameters."""
         return [i for i, node in enumerate(self.nodes) if node.trainable]
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """Run every node in order, measure each one's state, and return the last outputs."""
+    def forward(self, x: np.ndarray, perturbations: Mapping[int, np.ndarray] | None = None) -> np.ndarray:
+        """Run every node in order, measure each one's state, and return the last outputs.
+
+        Parameters
+        ----------
+        x
+            Inputs of the first node, array of shape (batch, n_in).
+        perturbations
+            Optional additive perturbations of node outputs, by node position (node perturbation
+            uses them). Each is an array of shape (batch, n_out) or (n_out,) of that node, added
+            to the node's measured outputs before they reach the next node. The sum is clipped
+            into the next node's input range, and the values actually added are stored in
+            :attr:`applied_perturbations`. Each node's own measured state stays unperturbed.
+            On hardware this addition is digital, in the host between two nodes, or an analog
+            adder (a DAC summed into the next node's input) where the signal does not pass
+            through the host.
+        """
+        checked = self._check_perturbations(perturbations, np.shape(x)[0] if np.ndim(x) == 2 else 0)
         signal = x
         states = []
-        for node in self.nodes:
+        applied: dict[int, np.ndarray] = {}
+        last = len(self.nodes) - 1
+        for position, node in enumerate(self.nodes):
             signal = node.forward(signal)
             states.append(node.measure_state())
+            if position < last:
+                # An invalid reading must not be sent on to the next node's hardware.
+                reason = states[-1].invalid_reason()
+                if reason is not None:
+                    self._states = None
+                    raise MeasurementError(f"node {node.name!r}: {reason}; the batch was not passed on")
+            if position in checked:
+                signal, applied[position] = self._perturb(position, signal, checked[position])
         self._states = states
+        self.applied_perturbations = applied
         return signal
+
+    def _check_perturbations(self, perturbations: Mapping[int, np.ndarray] | None, batch: int) -> dict[int, np.ndarray]:
+        if not perturbations:
+            return {}
+        checked = {}
+        for position, value in perturbations.items():
+            if not (isinstance(position, (int, np.integer)) and 0 <= position < len(self.nodes)):
+                raise ConfigError(
+                    f"perturbation given for node position {position!r}; positions run from 0 to {len(self.nodes) - 1}"
+                )
+            node = self.nodes[position]
+            array = np.asarray(value, dtype=np.float64)
+            if array.shape not in ((batch, node.n_out), (node.n_out,)):
+                raise ConfigError(
+                    f"perturbation of node {node.name!r} has shape {array.shape}; expected ({batch}, {node.n_out}) "
+                    f"or ({node.n_out},)"
+                )
+            if not np.all(np.isfinite(array)):
+                raise ConfigError(f"perturbation of node {node.name!r} contains NaN or infinite values")
+            checked[int(position)] = array
+        return checked
+
+    def _perturb(self, position: int, signal: np.ndarray, perturbation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Add a perturbation to a node's outputs; return the new signal and what was added."""
+        signal = np.asarray(signal, dtype=np.float64)
+        perturbed = signal + perturbation
+        if position + 1 < len(self.nodes):
+            # The next node rejects inputs outside its range, so the sum stays inside it.
+            spec = self.nodes[position + 1].input_spec
+            clipped = np.clip(perturbed, spec.lower_array, spec.upper_array)
+            n_clipped = int(np.count_nonzero(clipped != perturbed))
+            if n_clipped:
+                log.debug("node %r: %d perturbed output(s) clipped into the next node's input range",
+                          self.nodes[position].name, n_clipped)
+            perturbed = clipped
+        return perturbed, perturbed - np.broadcast_to(signal, perturbed.shape)
 
     @property
     def states(self) -> list[NodeState]:
@@ -320,10 +386,19 @@ class PhysicalNetwork:
         return None
 
     def predict(self, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
-        """Return the outputs for many examples, in batches; states are not kept."""
+        """Return the outputs for many examples, in batches; states are not kept.
+
+        A batch whose measurement fails inside the network gets NaN outputs, so callers count
+        its examples as invalid.
+        """
         outputs = []
         for start in range(0, len(x), batch_size):
-            outputs.append(self.forward(x[start : start + batch_size]))
+            chunk = x[start : start + batch_size]
+            try:
+                outputs.append(np.asarray(self.forward(chunk), dtype=np.float64))
+            except MeasurementError as exc:
+                log.warning("examples %d to %d have no valid outputs: %s", start, start + len(chunk) - 1, exc)
+                outputs.append(np.full((len(chunk), self.n_out), np.nan))
         self._states = None
         return np.concatenate(outputs, axis=0)
 

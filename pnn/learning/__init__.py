@@ -6,6 +6,10 @@ name.
 
 from .base import RULES, LearningRule, RuleContext, StepResult, forward_checked, make_rule, register_rule
 from .dfa import DFA
+from .local_losses import LocalContrast, LocalDirect, LocalPredict, LocalPseudo, LocalReconstruction
+from .mgd import MGD
+from .node_perturbation import NodePerturbation
+from .weight_perturbation import SPSA, WeightPerturbation
 from .losses import LOSSES, CrossEntropy, Loss, MeanSquaredError, get_loss, one_hot
 from .optim import OPTIMIZERS, SGD, Adam, Optimizer, lr_at_epoch, make_optimizer
 
@@ -18,6 +22,15 @@ __all__ = [
     "make_rule",
     "register_rule",
     "DFA",
+    "WeightPerturbation",
+    "SPSA",
+    "MGD",
+    "NodePerturbation",
+    "LocalDirect",
+    "LocalReconstruction",
+    "LocalContrast",
+    "LocalPredict",
+    "LocalPseudo",
     "LOSSES",
     "CrossEntropy",
     "Loss",

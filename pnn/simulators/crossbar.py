@@ -424,7 +424,10 @@ class CrossbarNode(Node):
         """Program pairs straight to the given weights (already in range and quantized).
 
         Models a write-verify that reaches the target up to the level grid; stuck devices keep
-        their state and drift restarts for every device written.
+        their state and drift restarts for every device written. The update buffers are left as
+        they are, because they contain updates not yet programmed that still apply after the
+        weights are set and restored: perturbative rules set and restore the weights every step,
+        and clearing the buffers there would discard every update below one level.
         """
         for name, value in values.items():
             diff = np.clip(np.asarray(value, dtype=np.float64).reshape(-1) / self._scale(name), -self.g_span, self.g_span)
@@ -435,7 +438,6 @@ class CrossbarNode(Node):
             g[1] = self.config.g_min + np.maximum(-diff, 0.0)
             np.minimum(g, self._g_top[name], out=g)
             self._apply_stuck(name)
-            self._buffer[name][...] = 0.0
             self._t_prog[name][...] = self.time
         self._refresh()
 
@@ -598,6 +600,10 @@ class CrossbarNode(Node):
         self.refreshes[0] = int(state["refreshes"])
         self.rng.bit_generator.state = state["rng"]
         self._refresh()
+
+    def update_buffers(self) -> dict[str, np.ndarray]:
+        """Return a copy of each parameter's pending update buffer, in microsiemens."""
+        return {key: self._buffer[key].reshape(spec.shape).copy() for key, spec in self._specs.items()}
 
     def conductances(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Return (g_plus, g_minus) per parameter as read now, in microsiemens."""
