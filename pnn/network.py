@@ -352,13 +352,21 @@ class PhysicalNetwork:
         for node in self.nodes:
             node.load_state_dict(state[node.name])
 
-    def apply_safe_state(self) -> None:
-        """Apply every node's safe state; a failure on one node does not stop the others."""
+    def apply_safe_state(self) -> list[tuple[str, BaseException]]:
+        """Apply every node's safe state; a failure on one node does not stop the others.
+
+        Returns the (node name, exception) of every node whose safe state failed, each also
+        logged; an empty list when all went safe.
+        """
+        failures = []
         for node in self.nodes:
             try:
                 node.apply_safe_state()
-            except Exception:  # noqa: BLE001 - every node must get its chance to go safe
-                log.exception("node %r: applying the safe state failed", node.name)
+            except Exception as exc:  # noqa: BLE001 - every node must get its chance to go safe
+                log.error("node %r: applying the safe state failed: %s", node.name, exc,
+                          exc_info=log.isEnabledFor(logging.DEBUG))
+                failures.append((node.name, exc))
+        return failures
 
     def close(self) -> None:
         """Close every node."""

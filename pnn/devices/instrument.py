@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
@@ -33,6 +34,7 @@ from .transport import ConnectionLost, Transport
 
 __all__ = [
     "Instrument",
+    "IdentityMismatch",
     "Source",
     "Meter",
     "BatchRunner",
@@ -44,6 +46,18 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: Longest pause between two reconnection attempts, in seconds, however many attempts are made.
+MAX_RECONNECT_BACKOFF_S = 30.0
+
+
+class IdentityMismatch(InstrumentError):
+    """Another instrument than the station file names answers at the address.
+
+    Retrying cannot fix this, so the training loop stops at once instead of retrying.
+    """
+
+    retryable = False
 
 
 @dataclass(frozen=True)
@@ -96,7 +110,8 @@ class Instrument(ABC):
         How many times an exchange that finds the link broken reconnects before giving up;
         0 turns automatic reconnection off.
     reconnect_backoff_s
-        Pause before the first reconnection attempt, doubled for each further one, in seconds.
+        Pause after the first failed reconnection attempt, doubled after each further one up to
+        :data:`MAX_RECONNECT_BACKOFF_S`, in seconds.
     """
 
     #: Name of the driver in station files.
@@ -135,6 +150,10 @@ class Instrument(ABC):
         if int(reconnect_attempts) < 0:
             raise ConfigError(f"instrument {name!r}: reconnect_attempts must be >= 0, got {reconnect_attempts}")
         self.reconnect_attempts = int(reconnect_attempts)
+        if not (math.isfinite(float(reconnect_backoff_s)) and float(reconnect_backoff_s) >= 0):
+            raise ConfigError(
+                f"instrument {name!r}: reconnect_backoff_s must be a number of seconds >= 0, got {reconnect_backoff_s}"
+            )
         self.reconnect_backoff_s = float(reconnect_backoff_s)
         #: The identification reply of the connected instrument.
         self.identity_: str | None = None
@@ -182,8 +201,10 @@ class Instrument(ABC):
             raise ConnectionLost(
                 f"instrument {self.name!r} at {transport.resource} is unreachable: {exc}"
             ) from None
-        except InstrumentError:
+        except InstrumentError as exc:
             transport.close()
+            if exc.instrument is None:
+                exc.instrument = self.name
             raise
         self._check_identity(identity)
         self.identity_ = identity
@@ -203,10 +224,11 @@ class Instrument(ABC):
     def _check_identity(self, identity: str) -> None:
         if self.expected_identity and not identity_matches(self.expected_identity, identity):
             self.transport.close()
-            raise InstrumentError(
+            raise IdentityMismatch(
                 f"instrument {self.name!r} at {self.transport.resource} identifies as {identity!r}, "
                 f"but the station file expects {self.expected_identity!r}; check the address, or "
-                "update the identity key if the instrument was replaced"
+                "update the identity key if the instrument was replaced",
+                instrument=self.name,
             )
 
     def identify(self) -> str:
@@ -229,9 +251,10 @@ class Instrument(ABC):
             identity = self._identify_raw()
             if self.identity_ is not None and identity != self.identity_:
                 transport.close()
-                raise InstrumentError(
+                raise IdentityMismatch(
                     f"instrument {self.name!r}: after reconnecting, {transport.resource} identifies as "
-                    f"{identity!r} instead of {self.identity_!r}; refusing to continue with another device"
+                    f"{identity!r} instead of {self.identity_!r}; refusing to continue with another device",
+                    instrument=self.name,
                 )
             self._check_identity(identity)
             self.identity_ = identity
@@ -243,19 +266,28 @@ class Instrument(ABC):
 
     @contextmanager
     def exchange(self) -> Iterator[Transport]:
-        """Hold the instrument for one exchange; reconnect first if the link broke earlier."""
+        """Hold the instrument for one exchange; reconnect first if the link broke earlier.
+
+        Instrument errors leave with this instrument's name as their ``instrument``.
+        """
         transport = self.transport
         with transport.lock:
-            if not transport.is_open and self.identity_ is not None:
-                self._reconnect_with_backoff()
-            with transport.exchange() as link:
-                yield link
+            try:
+                if not transport.is_open and self.identity_ is not None:
+                    self._reconnect_with_backoff()
+                with transport.exchange() as link:
+                    yield link
+            except InstrumentError as exc:
+                if exc.instrument is None:
+                    exc.instrument = self.name
+                raise
 
     def _reconnect_with_backoff(self) -> None:
         if self.reconnect_attempts == 0:
             raise ConnectionLost(
                 f"instrument {self.name!r}: the link to {self.transport.resource} is closed and "
-                "automatic reconnection is off; call reconnect()"
+                "automatic reconnection is off; call reconnect()",
+                instrument=self.name,
             )
         delay = self.reconnect_backoff_s
         for attempt in range(1, self.reconnect_attempts + 1):
@@ -263,11 +295,12 @@ class Instrument(ABC):
                 self.reconnect()
                 return
             except ConnectionLost as exc:
-                log.warning("instrument %r: reconnection attempt %d failed: %s", self.name, attempt, exc)
+                log.warning("instrument %r: reconnection attempt %d of %d failed: %s",
+                            self.name, attempt, self.reconnect_attempts, exc)
                 if attempt == self.reconnect_attempts:
                     raise
                 time.sleep(delay)
-                delay *= 2
+                delay = min(2 * delay, MAX_RECONNECT_BACKOFF_S)
 
     def close(self) -> None:
         """Close the link (outputs keep their levels)."""

@@ -117,11 +117,13 @@ def output_derivative(activation: Activation, outputs: np.ndarray) -> np.ndarray
 
 
 def _with_context(exc: PnnError, context: str) -> PnnError:
-    """Return an exception of the same type whose message starts with ``context``."""
+    """Return an exception of the same type and attributes whose message starts with ``context``."""
     try:
-        return type(exc)(f"{context}: {exc}")
+        wrapped = type(exc)(f"{context}: {exc}")
     except TypeError:
         return exc
+    wrapped.__dict__.update(exc.__dict__)
+    return wrapped
 
 
 class InstrumentNode(Node):
@@ -214,6 +216,10 @@ class InstrumentNode(Node):
         # instrument when it was read, so a reconnection triggers a fresh read-back.
         self._levels = {bank.name: np.full(bank.spec.shape, np.nan) for bank in self._all_banks()}
         self._epochs: dict[str, int] = {}
+        # Last level written to every bank (NaN before the first write). A bank that cannot be
+        # read back and has unknown_start = "safe" counts as being there while its level is
+        # unknown; its next write then goes through the safe value.
+        self._commanded = {bank.name: np.full(bank.spec.shape, np.nan) for bank in self._all_banks()}
         self._close_callbacks: list[Callable[[], None]] = []
         self._refresh_levels(force=True)
         self._configure()
@@ -359,7 +365,22 @@ class InstrumentNode(Node):
         return spec.quantize(snapped) if spec.resolution > 0 else snapped
 
     def _read_parameters(self) -> dict[str, np.ndarray]:
-        return {name: self._levels[name].copy() for name in self._banks}
+        return {name: self._assumed_levels(bank) for name, bank in self._banks.items()}
+
+    def _assumed_levels(self, bank: OutputBank) -> np.ndarray:
+        """Return a bank's known levels; where unknown, its stand-in when ``unknown_start`` allows one.
+
+        With ``unknown_start = "safe"`` an unknown level stands for the last level written, or
+        the safe value before the first write. That stand-in is only a starting point for
+        computing targets: writes still start from a read-back or from the safe value itself.
+        """
+        levels = self._levels[bank.name].copy()
+        unknown = ~np.isfinite(levels)
+        if bank.unknown_start == "safe" and np.any(unknown):
+            commanded = self._commanded[bank.name]
+            stand_in = np.where(np.isfinite(commanded), commanded, float(bank.spec.safe_value))
+            levels[unknown] = stand_in[unknown]
+        return levels
 
     def known_levels(self) -> dict[str, np.ndarray]:
         """Return the last known level of the inputs and every parameter (NaN where unknown)."""
@@ -402,9 +423,13 @@ class InstrumentNode(Node):
         try:
             instrument.write_levels(channels, values)
         except BaseException:
+            # The instrument may or may not have applied the values, so they are unknown until
+            # the bank is read back, which the next refresh does.
             flat[positions] = np.nan
+            self._epochs.pop(bank.name, None)
             raise
         flat[positions] = values
+        self._commanded[bank.name].reshape(-1)[positions] = values
 
     def _ramp_banks(self, targets: Mapping[str, np.ndarray]) -> None:
         """Ramp several banks to their targets together, step by step."""
@@ -416,6 +441,7 @@ class InstrumentNode(Node):
             if not math.isfinite(spec.max_step):
                 paths[name] = [] if np.array_equal(start, target) else [np.asarray(target, dtype=np.float64)]
                 continue
+            self._check_start_inside(bank, start)
             paths[name] = ramp_path(start, target, spec.max_step, resolution=spec.resolution, origin=spec.lower_array)
         n_steps = max((len(path) for path in paths.values()), default=0)
         delay = max((self._bank(name).ramp_delay_s for name, path in paths.items() if len(path) > 1), default=0.0)
@@ -432,6 +458,24 @@ class InstrumentNode(Node):
                     continue
                 channels = [c for c, flag in zip(bank.group.channels, changed) if flag]
                 self._write_channels(bank, channels, value[changed])
+
+    def _check_start_inside(self, bank: OutputBank, start: np.ndarray) -> None:
+        """Raise LimitError if a ramp would start outside the limits.
+
+        Every path from there into the limits in steps of at most ``max_step`` would send
+        commands outside the limits, so the bank is left alone until a person moves it.
+        """
+        spec = bank.spec
+        tol = spec.tolerance()
+        outside = (start < spec.lower_array - tol) | (start > spec.upper_array + tol)
+        if np.any(outside):
+            index = int(np.flatnonzero(outside.ravel())[0])
+            raise LimitError(
+                f"node {self.name!r} {bank.name!r}: channel {bank.group.channels[index]} of "
+                f"{bank.group.instrument!r} is at {float(start.ravel()[index]):g}, outside the limits "
+                f"{spec.range_text()}, so ramping it would send commands outside them; set it inside "
+                "the limits on the instrument, or widen the limits in the station file"
+            )
 
     def _bank(self, name: str) -> OutputBank:
         return self._inputs if name == self._inputs.name else self._banks[name]
@@ -467,7 +511,10 @@ class InstrumentNode(Node):
             spec = self._specs[name]
             where = self._where(name)
             if not np.all(np.isfinite(current[name])):
-                raise LimitError(f"{where}: the present level is unknown; set the parameters before updating them")
+                raise LimitError(
+                    f"{where}: the present level is unknown and cannot be read back, so an update could "
+                    "jump; set unknown_start = 'safe' in the station file to start from the safe value"
+                )
             step = spec.check_shape(value, where)
             limited = spec.check_step(step, where, clip=clip)
             target = spec.check_range(current[name] + limited, where, clip=clip)
@@ -567,7 +614,7 @@ class InstrumentNode(Node):
             return super().input_gradient(state, output_error)
         error = self.check_error(state, output_error)
         delta = self._preactivation_error(state, error, "output")
-        return delta @ self._levels["weight"]
+        return delta @ self._read_parameters()["weight"]
 
     def _perturbation_size(self, name: str) -> np.ndarray:
         spec = self._specs[name]
@@ -665,8 +712,8 @@ class InstrumentNode(Node):
         for callback in callbacks:
             try:
                 callback()
-            except Exception:  # noqa: BLE001 - closing must run every callback
-                log.exception("node %r: a close callback failed", self.name)
+            except Exception as exc:  # noqa: BLE001 - closing must run every callback
+                log.error("node %r: a close callback failed: %s", self.name, exc, exc_info=log.isEnabledFor(logging.DEBUG))
         super().close()
 
     def identity(self) -> dict[str, Any]:
@@ -683,6 +730,16 @@ class InstrumentNode(Node):
         return info
 
     def state_dict(self) -> dict[str, Any]:
+        """Return parameters, update residuals and the perturbation generator's state.
+
+        Levels left unknown by a failed write are read back first when the instrument answers;
+        if it does not, they are stored as NaN, and :meth:`load_state_dict` keeps the
+        instrument's level there.
+        """
+        try:
+            self._refresh_levels()
+        except PnnError as exc:
+            log.warning("node %r: reading levels back for the checkpoint failed: %s", self.name, exc)
         return {
             "parameters": self.get_parameters(),
             "residual": {name: value.copy() for name, value in self._residual.items()},
@@ -690,7 +747,20 @@ class InstrumentNode(Node):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
+        """Ramp the parameters to the saved values and restore residuals and generator state."""
+        saved = state.get("parameters", {})
+        if saved:
+            present = self._read_parameters()
+            values = {}
+            for name, value in self._known(saved).items():
+                value = np.asarray(value, dtype=np.float64)
+                unknown = ~np.isfinite(value)
+                if np.any(unknown) and value.shape == present[name].shape:
+                    log.warning("node %r: the checkpoint has no value for %d element(s) of %r; keeping their present level",
+                                self.name, int(np.count_nonzero(unknown)), name)
+                    value = np.where(unknown, present[name], value)
+                values[name] = value
+            self.set_parameters(values)
         for name, value in state.get("residual", {}).items():
             if name in self._residual:
                 self._residual[name] = np.asarray(value, dtype=np.float64).reshape(self._specs[name].shape).copy()

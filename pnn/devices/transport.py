@@ -286,15 +286,21 @@ class Transport(ABC):
         """Hold the lock around one exchange, resynchronising first when needed.
 
         Any exception inside the block (a timeout, a parse error, Ctrl-C) marks the link as
-        out of step, because a reply may still be on its way.
+        out of step, because a reply may still be on its way. Instrument errors leave with
+        this link's name as their ``instrument``.
         """
         with self.lock:
-            self._check_open()
-            if self._needs_resync:
-                self.resync()
-            self.stats.exchanges += 1
             try:
+                self._check_open()
+                if self._needs_resync:
+                    self.resync()
+                self.stats.exchanges += 1
                 yield self
+            except InstrumentError as exc:
+                self._needs_resync = True
+                if exc.instrument is None:
+                    exc.instrument = self.name
+                raise
             except BaseException:
                 self._needs_resync = True
                 raise
