@@ -440,7 +440,7 @@ class PhysicalNoProp:
         else:
             self.n_rejected_ += 1
             self._epoch_sums["rejected"] += 1
-            self._last_failure = f"invalid measurement: {exc}"
+            self._last_failure = str(exc) if "invalid" in str(exc) else f"invalid measurement: {exc}"
         log.warning("epoch %d batch %d %s: %s", epoch + 1, batch + 1, kind, exc)
         if self.run is not None:
             record = {"kind": "rejected" if kind == _REJECTED else "fault", "epoch": epoch, "batch": batch,
@@ -560,7 +560,7 @@ class PhysicalNoProp:
             faults = 0
             while True:
                 try:
-                    chunks.append(self.network.forward(chunk))
+                    chunks.append(self.network.predict(chunk, batch_size=len(chunk)))
                     break
                 except InstrumentError as exc:
                     faults += 1

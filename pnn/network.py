@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .activations import get_activation
-from .errors import ConfigError, PnnError
+from .errors import ConfigError, MeasurementError, PnnError
 from .nodes import ErrorSite, Node, NodeState, ParameterSpec
 
 __all__ = ["PhysicalNetwork", "DigitalLinear", "Encoder", "Readout"]
@@ -295,12 +295,27 @@ class PhysicalNetwork:
         return [i for i, node in enumerate(self.nodes) if node.trainable]
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        """Run every node in order, measure each one's state, and return the last outputs."""
+        """Run every node in order, measure each one's state, and return the last outputs.
+
+        Raises
+        ------
+        MeasurementError
+            If a node other than the last measures a NaN or infinite output (an overrange
+            reading, say): the nodes after it do not run, because no instrument may be sent an
+            invalid value. :attr:`states` then ends with that node's state.
+        """
         signal = x
         states = []
-        for node in self.nodes:
+        last = len(self.nodes) - 1
+        for position, node in enumerate(self.nodes):
             signal = node.forward(signal)
-            states.append(node.measure_state())
+            state = node.measure_state()
+            states.append(state)
+            if position < last and not np.all(np.isfinite(signal)):
+                self._states = states
+                raise MeasurementError(
+                    f"invalid measurement, batch rejected: node {node.name!r}: {node.describe_invalid(state)}"
+                )
         self._states = states
         return signal
 
@@ -314,16 +329,29 @@ class PhysicalNetwork:
     def invalid_reason(self) -> str | None:
         """Return why the last forward pass must not be used for an update, or None."""
         for node, state in zip(self.nodes, self.states):
-            reason = state.invalid_reason()
+            reason = node.describe_invalid(state)
             if reason is not None:
                 return f"node {node.name!r}: {reason}"
         return None
 
     def predict(self, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
-        """Return the outputs for many examples, in batches; states are not kept."""
+        """Return the outputs for many examples, in batches; states are not kept.
+
+        An example whose signal becomes NaN or infinite at some node (an overrange reading)
+        is not sent to the nodes after it, and its outputs are NaN; the other examples of the
+        batch go on.
+        """
         outputs = []
         for start in range(0, len(x), batch_size):
-            outputs.append(self.forward(x[start : start + batch_size]))
+            signal = np.asarray(x[start : start + batch_size])
+            valid = np.ones(len(signal), dtype=bool)
+            for node in self.nodes:
+                out = np.full((len(signal), node.n_out), np.nan)
+                if valid.any():
+                    out[valid] = node.forward(signal[valid])
+                valid &= np.all(np.isfinite(out), axis=1)
+                signal = out
+            outputs.append(signal)
         self._states = None
         return np.concatenate(outputs, axis=0)
 

@@ -421,6 +421,13 @@ class Node(ABC):
             raise PnnError(f"{self._where()}: no forward pass yet, so there is no state to measure")
         return self._state
 
+    def describe_invalid(self, state: NodeState) -> str | None:
+        """Return why ``state`` must not be used for an update, or None if it is valid.
+
+        Nodes that know where a reading came from (an instrument channel) add that.
+        """
+        return state.invalid_reason()
+
     @abstractmethod
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """Run the device on validated inputs; return (outputs, inputs as applied, probes)."""

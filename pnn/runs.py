@@ -7,16 +7,24 @@ Layout of a run folder::
     metrics.jsonl    one JSON object per line: a "step" record per batch, an "epoch" record per
                      epoch; appended and flushed as training goes
     checkpoint.npz   the latest checkpoint, replaced atomically (temporary file, fsync, rename)
-    summary.json     final accuracies and timings, written atomically when the run ends
+    curves.png       loss and accuracy per epoch, drawn when the run ends (needs matplotlib)
+    summary.json     final accuracies and timings, written atomically last, when the run ends
 
 A checkpoint stores how many metrics lines existed when it was written; resuming truncates the
 log to that length, so the log never holds steps that the resumed state has not seen.
+
+Killing the process at any moment (SIGKILL included) leaves a folder that ``--resume`` continues:
+every file but the metrics log is replaced atomically, so it holds either its old or its new
+content, and the metrics log may end in a torn line, which resuming drops together with any
+line written after the checkpoint. Temporary files of an interrupted write are removed when the
+folder is opened again.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tempfile
 import time
@@ -28,6 +36,8 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError, PnnError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["RunDir", "save_tree", "load_tree", "atomic_write_bytes", "atomic_write_json"]
 
@@ -172,10 +182,12 @@ class RunDir:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> RunDir:
-        """Open an existing run folder for resuming."""
+        """Open an existing run folder for resuming, removing temporary files of interrupted writes."""
         path = Path(path)
         if not (path / CONFIG).is_file():
             raise ConfigError(f"{path} is not a run folder (no {CONFIG}); pass the folder a run wrote with --out")
+        for leftover in path.glob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
         return cls(path)
 
     def read_config(self) -> dict[str, Any]:
@@ -189,6 +201,10 @@ class RunDir:
         """Record the identity of every node used."""
         atomic_write_json(self.path / IDENTITY, identity)
 
+    def has_identity(self) -> bool:
+        """True when the folder holds the nodes' identity record."""
+        return (self.path / IDENTITY).is_file()
+
     # metrics ------------------------------------------------------------------------
     def _metrics_file(self):
         if self._metrics is None:
@@ -201,10 +217,12 @@ class RunDir:
         handle.write(json.dumps(record, default=_json_default) + "\n")
         handle.flush()
 
-    def metrics_lines(self) -> int:
-        """Number of complete lines in the metrics log."""
+    def metrics_lines(self, *, sync: bool = False) -> int:
+        """Number of complete lines in the metrics log; ``sync`` also writes them to disk first."""
         if self._metrics is not None:
             self._metrics.flush()
+            if sync:
+                os.fsync(self._metrics.fileno())
         path = self.path / METRICS
         if not path.exists():
             return 0
@@ -223,6 +241,9 @@ class RunDir:
                 if len(kept) == lines or not line.endswith(b"\n"):
                     break
                 kept.append(line)
+        if len(kept) < lines:
+            # Only a crash of the machine (not of the process) loses lines the checkpoint counted.
+            log.warning("%s holds %d complete line(s), fewer than the %d the checkpoint counted", path, len(kept), lines)
         atomic_write_bytes(path, b"".join(kept))
 
     def read_metrics(self) -> list[dict[str, Any]]:
@@ -232,9 +253,13 @@ class RunDir:
             return []
         records = []
         with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                if line.endswith("\n"):
+            for number, line in enumerate(handle, start=1):
+                if not line.endswith("\n"):
+                    continue
+                try:
                     records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise PnnError(f"{path} line {number} is not valid JSON ({exc}); the file was changed or damaged") from None
         return records
 
     # checkpoints --------------------------------------------------------------------
@@ -242,7 +267,8 @@ class RunDir:
         """Write a checkpoint atomically; it records the current metrics log length."""
         tree = dict(state)
         tree["checkpoint_version"] = CHECKPOINT_VERSION
-        tree["metrics_lines"] = self.metrics_lines()
+        # The lines the checkpoint counts reach the disk before the checkpoint does.
+        tree["metrics_lines"] = self.metrics_lines(sync=True)
         tree["saved_at"] = time.time()
         save_tree(self.path / CHECKPOINT, tree)
 

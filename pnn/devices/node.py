@@ -324,6 +324,11 @@ class InstrumentNode(Node):
         return self._specs
 
     @property
+    def banks(self) -> dict[str, OutputBank]:
+        """The source channels this node writes: ``"inputs"`` first, then each parameter, by name."""
+        return {bank.name: bank for bank in self._all_banks()}
+
+    @property
     def instruments(self) -> dict[str, Instrument]:
         """The drivers this node uses, by station name."""
         used = {group.instrument for group in self._groups().values()}
@@ -578,13 +583,29 @@ class InstrumentNode(Node):
             rows.append(np.concatenate(readings))
         return np.array(rows, dtype=np.float64)
 
+    def describe_invalid(self, state: NodeState) -> str | None:
+        """Return why ``state`` is invalid, naming the instrument and channels of the bad readings."""
+        reason = state.invalid_reason()
+        if reason is None:
+            return None
+        places = []
+        for label, group, values in (("outputs", self._outputs, state.outputs),
+                                     *((f"probe {name!r}", self._probes[name], state.probes[name]) for name in self._probes)):
+            bad = ~np.all(np.isfinite(np.asarray(values, dtype=np.float64)), axis=0)
+            if np.any(bad):
+                channels = [c for c, flag in zip(group.channels, bad) if flag]
+                places.append(f"{label} on instrument {group.instrument!r} channel(s) {format_channel_list(channels)}")
+        if not places:
+            return reason
+        return f"{reason}: overrange or invalid reading(s) from {'; '.join(places)}"
+
     # -------------------------------------------------------------------------- learning
     def local_gradient(
         self, state: NodeState, output_error: np.ndarray, *, at: ErrorSite = "output"
     ) -> dict[str, np.ndarray]:
         """Return the batch-mean gradient of each parameter (see the module docstring)."""
         error = self.check_error(state, output_error, at=at)
-        reason = state.invalid_reason()
+        reason = self.describe_invalid(state)
         if reason is not None:
             raise MeasurementError(f"{self._where()}: cannot compute a gradient from an invalid measurement ({reason})")
         if self.gradient_method == "outer-product":

@@ -529,7 +529,8 @@ class Transport(ABC):
             except InstrumentTimeout:
                 if attempt == attempts:
                     raise InstrumentTimeout(
-                        f"{self.name}: no reply to the resynchronisation query {self._sync_query.strip()!r} "
+                        f"{self.name}: no reply to the resynchronisation query "
+                        f"{self._sync_query.strip().decode(self.settings.encoding, errors='replace')!r} "
                         f"after {attempts} attempts; the instrument is not answering"
                     ) from None
                 log.warning("%s: resynchronisation attempt %d got no reply; trying again", self.name, attempt)
@@ -792,7 +793,10 @@ class SerialTransport(Transport):
                 stopbits=options.stop_bits,
                 rtscts=options.rtscts,
                 timeout=self.settings.timeout_s,
-                write_timeout=self.settings.timeout_s,
+                # pyserial 3.5 reports a write timeout whenever one write call took longer than
+                # this, even after every byte went out (a busy machine can pause a process that
+                # long), so the longer line deadline is used.
+                write_timeout=self.settings.deadline_s,
             )
         except (serial.SerialException, OSError, ValueError) as exc:
             raise ConnectionLost(

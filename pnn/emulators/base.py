@@ -264,6 +264,8 @@ class Emulator(ABC):
     # ------------------------------------------------------------------------ threads
     def _spawn(self, target: Callable[..., None], *args: Any, name: str) -> threading.Thread:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        # Forget finished connection threads, so a host that reconnects often does not grow the list.
+        self._threads = [t for t in self._threads if t.is_alive()]
         self._threads.append(thread)
         thread.start()
         return thread
