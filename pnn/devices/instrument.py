@@ -383,6 +383,11 @@ class Meter(ABC):
 class BatchRunner(ABC):
     """An instrument that applies a batch of input vectors and buffers the readings."""
 
+    @property
+    def sends_float32(self) -> bool:
+        """True when batch rows travel as 32-bit floats, which round values to 24-bit mantissas."""
+        return False
+
     @abstractmethod
     def run_batch(
         self,

@@ -126,6 +126,22 @@ def _with_context(exc: PnnError, context: str) -> PnnError:
     return wrapped
 
 
+def _float32_inside(values: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """Return ``values`` as float32 numbers (in float64) that still lie within ``[lower, upper]``.
+
+    Rounding to float32 moves a value by up to 6e-8 of its size, which can push a value at a
+    limit just outside it; such values move one float32 step back inside.
+    """
+    single = np.asarray(values, dtype=np.float32).copy()
+    lower = np.broadcast_to(lower, single.shape)
+    upper = np.broadcast_to(upper, single.shape)
+    high = single.astype(np.float64) > upper
+    single[high] = np.nextafter(single[high], np.float32(-np.inf))
+    low = single.astype(np.float64) < lower
+    single[low] = np.nextafter(single[low], np.float32(np.inf))
+    return single.astype(np.float64)
+
+
 class InstrumentNode(Node):
     """A node assembled from instrument channels.
 
@@ -362,12 +378,18 @@ class InstrumentNode(Node):
 
     @staticmethod
     def _snap(bank: OutputBank, levels: np.ndarray) -> np.ndarray:
+        """Return read-back levels with those within one step outside a limit moved onto it.
+
+        A DAC at its limit may read back one step outside it through rounding. Levels are not
+        moved onto the grid: a ramp planned from a rounded start could step further than
+        ``max_step`` from the real one. A level further outside stays as read, so a ramp from
+        there refuses instead of crossing the limit.
+        """
         spec = bank.spec
         tol = max(spec.tolerance(), spec.resolution)
         lo, hi = spec.lower_array, spec.upper_array
         inside = (levels >= lo - tol) & (levels <= hi + tol)
-        snapped = np.where(inside, np.clip(levels, lo, hi), levels)
-        return spec.quantize(snapped) if spec.resolution > 0 else snapped
+        return np.where(inside, np.clip(levels, lo, hi), levels)
 
     def _read_parameters(self) -> dict[str, np.ndarray]:
         return {name: self._assumed_levels(bank) for name, bank in self._banks.items()}
@@ -540,6 +562,8 @@ class InstrumentNode(Node):
     # --------------------------------------------------------------------------- forward
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         applied = self.input_spec.quantize(x) if self.input_spec.resolution > 0 else x
+        if self.mode == "buffered" and self._instruments[self._inputs.group.instrument].sends_float32:
+            applied = _float32_inside(applied, self.input_spec.lower_array, self.input_spec.upper_array)
         readings = self._measure_batch(applied)
         n_out = self.n_out
         outputs = readings[:, :n_out]

@@ -317,6 +317,10 @@ class ScpiSourceMeter(ScpiSource, ScpiMeter, BatchRunner):
         ),
     }
 
+    @property
+    def sends_float32(self) -> bool:  # type: ignore[override]
+        return self.transfer == "binary" and self.binary_format == "REAL,32"
+
     def configure_batch(self, input_channels: Sequence[int], output_channels: Sequence[int], *,
                         settle_s: float, averages: int) -> None:
         """Send the sequence configuration and check the error queue (changes no output)."""
