@@ -151,6 +151,12 @@ def load_tree(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- run folder
+def _remove_temporary_files(path: Path) -> None:
+    """Delete what :func:`atomic_write_bytes` leaves when its process is killed mid-write."""
+    for leftover in path.glob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
+
+
 class RunDir:
     """One run's folder. Use :meth:`create` for a new run and :meth:`open` to resume one."""
 
@@ -176,6 +182,8 @@ class RunDir:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"cannot create the run folder {path}: {exc.strerror}; choose another --out") from None
+        # A run killed while writing its configuration leaves only temporary files behind.
+        _remove_temporary_files(path)
         run = cls(path)
         atomic_write_json(path / CONFIG, dict(config))
         return run
@@ -186,8 +194,7 @@ class RunDir:
         path = Path(path)
         if not (path / CONFIG).is_file():
             raise ConfigError(f"{path} is not a run folder (no {CONFIG}); pass the folder a run wrote with --out")
-        for leftover in path.glob(".*.tmp"):
-            leftover.unlink(missing_ok=True)
+        _remove_temporary_files(path)
         return cls(path)
 
     def read_config(self) -> dict[str, Any]:
