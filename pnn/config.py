@@ -212,6 +212,8 @@ def resolve_config(config: TrainConfig, *, lr_scale: float = 1.0) -> TrainConfig
         value = getattr(config, key)
         if value is not None and value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
+    if config.seed < 0:
+        raise ConfigError(f"seed must be a whole number >= 0, got {config.seed}")
     if config.max_consecutive_invalid < 1:
         raise ConfigError(f"max_consecutive_invalid must be at least 1, got {config.max_consecutive_invalid}")
     if config.checkpoint_every < 0:

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, PnnError
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +142,20 @@ def load_tree(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise ConfigError(f"checkpoint {path} not found; check the run folder") from None
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise PnnError(f"checkpoint {path} is unreadable ({exc}); resume from an earlier run folder or start anew") from None
+        # np.load takes any file that is not a zip archive for a pickle, hence its odd messages.
+        raise ConfigError(
+            f"checkpoint {path} is damaged or not a NumPy .npz file ({type(exc).__name__}); "
+            "resume from a copy of the run folder, or start the run again"
+        ) from None
     if "__tree__" not in arrays:
-        raise PnnError(f"checkpoint {path} has no state tree; it was not written by pnn")
-    skeleton = json.loads(arrays.pop("__tree__").tobytes().decode())
+        raise ConfigError(f"checkpoint {path} has no state tree, so pnn did not write it; start the run again")
+    try:
+        skeleton = json.loads(arrays.pop("__tree__").tobytes().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"checkpoint {path} has a damaged state tree ({exc}); start the run again") from None
     return _join_tree(skeleton, arrays)
 
 
@@ -198,11 +207,15 @@ class RunDir:
         return cls(path)
 
     def read_config(self) -> dict[str, Any]:
-        """Return the configuration the run was started with."""
+        """Return what the run folder's ``config.json`` holds (the configuration under ``"config"``)."""
+        path = self.path / CONFIG
         try:
-            return json.loads((self.path / CONFIG).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{self.path / CONFIG} is unreadable ({exc})") from None
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path} is unreadable ({exc}); restore it from a copy of the run folder") from None
+        if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict):
+            raise ConfigError(f"{path} has no \"config\" table, so pnn did not write it; restore it from a copy of the run folder")
+        return stored
 
     def write_identity(self, identity: Any) -> None:
         """Record the identity of every node used."""
@@ -266,7 +279,7 @@ class RunDir:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as exc:
-                    raise PnnError(f"{path} line {number} is not valid JSON ({exc}); the file was changed or damaged") from None
+                    raise ConfigError(f"{path} line {number} is not valid JSON ({exc}); the file was changed or damaged") from None
         return records
 
     # checkpoints --------------------------------------------------------------------
@@ -288,7 +301,7 @@ class RunDir:
         tree = load_tree(self.path / CHECKPOINT)
         version = tree.get("checkpoint_version")
         if version != CHECKPOINT_VERSION:
-            raise PnnError(
+            raise ConfigError(
                 f"checkpoint {self.path / CHECKPOINT} has layout version {version}, this pnn reads "
                 f"version {CHECKPOINT_VERSION}; resume it with the pnn version that wrote it"
             )
@@ -305,7 +318,10 @@ class RunDir:
         path = self.path / SUMMARY
         if not path.exists():
             return None
-        return json.loads(path.read_text())
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path} is unreadable ({exc}); the run finished, so start a new one") from None
 
     def close(self) -> None:
         """Close the metrics log."""

@@ -70,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
 
     from ..emulators import EmulatedHardware, FaultConfig, ScpiEmulator, SerialBoardEmulator, parse_layers
     from ..emulators.faults import parse_fault_rates
+    from ..errors import ConfigError
+
+    if args.duration is not None and not (args.duration > 0 and args.duration < float("inf")):
+        raise ConfigError(f"--duration must be a positive number of seconds, got {args.duration}")
 
     faults = FaultConfig(
         latency_s=args.latency,
@@ -87,8 +91,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         emulator = SerialBoardEmulator(hardware, faults=faults, link=args.link, serial_number=args.serial_number,
                                        max_rows=args.max_rows, record_path=args.record)
-    emulator.start()
     try:
+        emulator.start()
         if args.emulator == "scpi":
             print(f"SCPI emulator listening on 127.0.0.1 port {emulator.port}")
             print(f"resource: {emulator.resource}")

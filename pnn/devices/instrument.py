@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import string
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
@@ -43,6 +44,7 @@ __all__ = [
     "register_driver",
     "get_driver",
     "identity_matches",
+    "format_errors",
 ]
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,48 @@ class ChannelRanges:
     resolution: np.ndarray
     """Smallest step per channel (DAC step); 0 where the instrument does not report one."""
     unit: str = "V"
+
+
+#: Fields a command template may contain, for keys whose default template is empty.
+_TEMPLATE_FIELDS = frozenset({"channel", "channels", "value", "data", "rows", "assignments"})
+#: Fields that carry the data of a command; an override must keep those its default has.
+_DATA_FIELDS = frozenset({"value", "data", "assignments"})
+
+
+def _template_fields(template: str) -> set[str]:
+    return {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+
+
+def _checked_template(instrument: str, key: str, template: str, default: str) -> str:
+    """Return a command override if its ``{fields}`` fit the command, else raise ConfigError."""
+    where = f"instrument {instrument!r}: commands.{key} = {template!r}"
+    try:
+        fields = _template_fields(template)
+    except ValueError as exc:
+        raise ConfigError(f"{where} is not a valid template ({exc}); write literal braces as {{{{ and }}}}") from None
+    allowed = _template_fields(default) if default else set(_TEMPLATE_FIELDS)
+    unknown = sorted(fields - allowed)
+    if unknown:
+        raise ConfigError(
+            f"{where} uses {', '.join('{' + f + '}' for f in unknown)}, which this command does not fill; "
+            f"it may use {', '.join('{' + f + '}' for f in sorted(allowed)) or 'no fields'}"
+        )
+    for field in sorted(allowed & _DATA_FIELDS) if template else []:
+        count = [name for _, name, _, _ in string.Formatter().parse(template)].count(field)
+        if count != 1:
+            raise ConfigError(f"{where} must contain {{{field}}} once, where the data goes; it contains it {count} times")
+    return template
+
+
+def format_errors(errors: Sequence[tuple[int, str]], limit: int = 3) -> str:
+    """Return queued instrument errors as text: repeats counted, at most ``limit`` kinds shown."""
+    counts: dict[tuple[int, str], int] = {}
+    for error in errors:
+        counts[error] = counts.get(error, 0) + 1
+    shown = [f"{code} {message}" + (f" (x{n})" if n > 1 else "") for (code, message), n in list(counts.items())[:limit]]
+    if len(counts) > limit:
+        shown.append(f"and {len(counts) - limit} other error(s)")
+    return "; ".join(shown)
 
 
 def identity_matches(expected: str, reply: str) -> bool:
@@ -145,7 +189,7 @@ class Instrument(ABC):
                     f"instrument {name!r}: unknown command key {key!r} for driver {self.driver_name!r}; "
                     f"the keys are {', '.join(sorted(self.commands))}"
                 )
-            self.commands[key] = str(template)
+            self.commands[key] = _checked_template(name, key, str(template), self.COMMANDS[key])
         self.overrange = float(overrange)
         if int(reconnect_attempts) < 0:
             raise ConfigError(f"instrument {name!r}: reconnect_attempts must be >= 0, got {reconnect_attempts}")
@@ -334,7 +378,7 @@ class Instrument(ABC):
         """Raise InstrumentError listing the queued errors, if any, after ``context``."""
         errors = self.read_errors()
         if errors:
-            listed = "; ".join(f"{code} {message}" for code, message in errors)
+            listed = format_errors(errors)
             raise InstrumentError(f"instrument {self.name!r} reported error(s) after {context}: {listed}")
 
     # ----------------------------------------------------------------------------- info

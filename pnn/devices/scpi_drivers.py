@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import ConfigError, InstrumentError, MeasurementError
-from .instrument import BatchRunner, ChannelRanges, Instrument, Meter, Source, register_driver
+from ..errors import ConfigError, InstrumentError, InstrumentTimeout, MeasurementError
+from .instrument import BatchRunner, ChannelRanges, Instrument, Meter, Source, format_errors, register_driver
 from .scpi import (
     BINARY_FORMATS,
     Choice,
@@ -98,6 +98,13 @@ class ScpiInstrument(Instrument):
 
     def after_connect(self) -> None:
         self._sent.clear()
+        # Errors queued before this connection (by another program, or by a session that ended
+        # in the middle of a command) would otherwise be reported after the first configuration.
+        if self.has_command("error"):
+            stale = self.read_errors()
+            if stale:
+                listed = format_errors(stale)
+                log.warning("instrument %r: cleared %d error(s) queued before connecting: %s", self.name, len(stale), listed)
 
     # ---------------------------------------------------------------------- settings
     def set_setting(self, name: str, value: Any) -> Any:
@@ -138,11 +145,20 @@ class ScpiInstrument(Instrument):
     def _compound_query(self, commands: Sequence[str], *, where: str) -> list[str]:
         """Send queries joined per line and return one reply field per query."""
         replies: list[str] = []
-        with self.exchange() as link:
-            for line in self._lines(commands):
-                link.write(line)
-                text = link.read_line().decode(link.settings.encoding, errors="replace").strip()
-                replies.extend(part.strip() for part in text.split(";"))
+        try:
+            with self.exchange() as link:
+                for line in self._lines(commands):
+                    link.write(line)
+                    text = link.read_line().decode(link.settings.encoding, errors="replace").strip()
+                    replies.extend(part.strip() for part in text.split(";"))
+        except InstrumentTimeout as exc:
+            # A SCPI instrument answers a query it rejects with silence and an error in its
+            # queue (a channel that does not exist, say); that error says more than the timeout.
+            errors = self.read_errors() if self.has_command("error") else []
+            if not errors:
+                raise
+            listed = format_errors(errors)
+            raise InstrumentError(f"{where}: the instrument rejected the query: {listed}", instrument=self.name) from exc
         if len(replies) != len(commands):
             raise InstrumentError(
                 f"{where}: sent {len(commands)} queries but got {len(replies)} replies; lower "
@@ -167,7 +183,7 @@ class ScpiInstrument(Instrument):
             code, message = parse_error(link.read_line().decode(link.settings.encoding, errors="replace"))
         if code != 0:
             remaining = self.read_errors()
-            listed = "; ".join(f"{c} {m}" for c, m in [(code, message), *remaining])
+            listed = format_errors([(code, message), *remaining])
             raise InstrumentError(f"instrument {self.name!r} reported error(s) after {context}: {listed}")
 
     # ------------------------------------------------------------------ bulk transfer

@@ -313,15 +313,18 @@ def _parse_instrument(name: str, table: _Table) -> InstrumentConfig:
     if table.has("overrange"):
         options["overrange"] = table.number("overrange", positive=True)
     defaults = TransportSettings()
+    timeout_s = table.number("timeout_s", defaults.timeout_s, positive=True)
+    values = dict(
+        timeout_s=timeout_s,
+        deadline_s=table.number("deadline_s", max(defaults.deadline_s, timeout_s), positive=True),
+        min_rate=table.number("min_rate", defaults.min_rate, positive=True),
+        write_termination=table.get("write_termination", str, defaults.write_termination),
+        read_termination=table.get("read_termination", str, defaults.read_termination),
+        encoding=table.get("encoding", str, defaults.encoding),
+    )
     try:
-        settings = TransportSettings(
-            timeout_s=table.number("timeout_s", defaults.timeout_s, positive=True),
-            deadline_s=table.number("deadline_s", max(defaults.deadline_s, table.number("timeout_s", defaults.timeout_s) or 0), positive=True),
-            min_rate=table.number("min_rate", defaults.min_rate, positive=True),
-            write_termination=table.get("write_termination", str, defaults.write_termination),
-            read_termination=table.get("read_termination", str, defaults.read_termination),
-            encoding=table.get("encoding", str, defaults.encoding),
-        )
+        # The keys are checked one by one above; this checks how they fit together.
+        settings = TransportSettings(**values)
     except ConfigError as exc:
         raise ConfigError(f"{table.path}: [{table.where}] {exc}") from None
     usb = None

@@ -30,6 +30,11 @@ from ..simulators.crossbar import CrossbarNode, crossbar_preset
 __all__ = ["LayerSpec", "EmulatedHardware", "ChannelError", "parse_layers"]
 
 
+#: Most weights (source channels) one emulated layer may have; larger ones would not fit in
+#: memory and no instrument has that many channels.
+MAX_WEIGHTS = 1_000_000
+
+
 class ChannelError(ValueError):
     """A request the hardware rejects: unknown channel or level out of range."""
 
@@ -52,7 +57,15 @@ class LayerSpec:
         match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*(?::\s*(\w+))?\s*", text)
         if match is None:
             raise ConfigError(f"layer {text!r}: write N_INxN_OUT[:ACTIVATION], for example 12x8:tanh")
-        return cls(int(match.group(1)), int(match.group(2)), match.group(3) or "tanh")
+        n_in, n_out = int(match.group(1)), int(match.group(2))
+        if n_in < 1 or n_out < 1:
+            raise ConfigError(f"layer {text!r}: both sizes must be at least 1, for example 12x8:tanh")
+        if n_in * n_out > MAX_WEIGHTS:
+            raise ConfigError(
+                f"layer {text!r} has {n_in * n_out} weights, each an emulated channel; "
+                f"use at most {MAX_WEIGHTS} per layer"
+            )
+        return cls(n_in, n_out, match.group(3) or "tanh")
 
 
 def parse_layers(text: str) -> list[LayerSpec]:
