@@ -345,3 +345,40 @@ def test_invalid_output_stops_the_forward_pass():
     predicted = network.predict(np.zeros((2, 3)))
     assert np.isnan(predicted[0]).all()
     assert np.isfinite(predicted[1]).all()
+
+
+def _train_until(args, folder, lines, env):
+    """Start ``pnn train ARGS`` and return the process once its metrics log has ``lines`` lines."""
+    process = subprocess.Popen([sys.executable, "-m", "pnn", "train", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env)
+    metrics = folder / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.exists() and metrics.read_bytes().count(b"\n") >= lines:
+            break
+        time.sleep(0.01)
+    return process
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_interrupted_station_run_goes_safe_and_checkpoints(tmp_path, signal_name):
+    import signal
+
+    hardware = EmulatedHardware([LayerSpec(12, 7, "linear")], seed=0)
+    with ScpiEmulator(hardware, faults=FaultConfig(latency_s=0.002)) as emulator:
+        station = emulator.write_station(tmp_path / "station.toml", timeout_s=1.0)
+        folder = tmp_path / "run"
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        process = _train_until(["--station", str(station), "--epochs", "50", "--quiet", "--out", str(folder)],
+                               folder, 5, env)
+        process.send_signal(getattr(signal, signal_name))
+        _, stderr = process.communicate(timeout=60)
+        levels = hardware.levels.copy()
+    assert process.returncode == 130, stderr
+    assert "checkpoint written" in stderr
+    assert "safe state applied" in stderr
+    assert f"--resume {folder}" in stderr
+    assert "Traceback" not in stderr
+    assert (folder / "checkpoint.npz").is_file()
+    # Every weight and bias channel is back at its safe value 0.
+    np.testing.assert_array_equal(levels[12:], 0.0)
