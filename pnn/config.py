@@ -101,7 +101,7 @@ class TrainConfig:
     retry_backoff_s: float = 0.5
     """Pause after an instrument fault before the batch is tried again, in seconds; doubled per fault in a row."""
     retry_backoff_max_s: float = 30.0
-    """Longest pause between two tries of a batch, in seconds."""
+    """Maximum pause between two tries of a batch, in seconds."""
     checkpoint_every: int = 0
     """Extra checkpoint every n steps (0: at the end of each epoch only)."""
     checkpoint_interval_s: float = 60.0

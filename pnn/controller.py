@@ -118,7 +118,7 @@ class PhysicalNoProp:
         Pause after the first instrument fault in a row, in seconds; doubled after each further
         fault in a row, up to ``retry_backoff_max_s``.
     retry_backoff_max_s
-        Longest pause between two tries, in seconds.
+        Maximum pause between two tries, in seconds.
     checkpoint_every
         Also write a checkpoint every this many steps (0: only at the end of each epoch).
     checkpoint_interval_s

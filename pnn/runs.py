@@ -207,7 +207,7 @@ class RunDir:
         return cls(path)
 
     def read_config(self) -> dict[str, Any]:
-        """Return what the run folder's ``config.json`` holds (the configuration under ``"config"``)."""
+        """Return the contents of ``config.json``: the configuration under ``"config"``, and run details."""
         path = self.path / CONFIG
         try:
             stored = json.loads(path.read_text(encoding="utf-8"))
@@ -222,7 +222,7 @@ class RunDir:
         atomic_write_json(self.path / IDENTITY, identity)
 
     def has_identity(self) -> bool:
-        """True when the folder holds the nodes' identity record."""
+        """True when the folder contains the nodes' identity record."""
         return (self.path / IDENTITY).is_file()
 
     # metrics ------------------------------------------------------------------------
@@ -263,7 +263,8 @@ class RunDir:
                 kept.append(line)
         if len(kept) < lines:
             # Only a crash of the machine (not of the process) loses lines the checkpoint counted.
-            log.warning("%s holds %d complete line(s), fewer than the %d the checkpoint counted", path, len(kept), lines)
+            log.warning("%s contains %d complete line(s), fewer than the %d the checkpoint counted; "
+                        "the missing ones were lost", path, len(kept), lines)
         atomic_write_bytes(path, b"".join(kept))
 
     def read_metrics(self) -> list[dict[str, Any]]:

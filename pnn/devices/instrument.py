@@ -49,12 +49,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Longest pause between two reconnection attempts, in seconds, however many attempts are made.
+#: Maximum pause between two reconnection attempts, in seconds, however many attempts are made.
 MAX_RECONNECT_BACKOFF_S = 30.0
 
 
 class IdentityMismatch(InstrumentError):
-    """Another instrument than the station file names answers at the address.
+    """An instrument other than the one the station file names replies at the address.
 
     Retrying cannot fix this, so the training loop stops at once instead of retrying.
     """

@@ -777,9 +777,9 @@ class InstrumentNode(Node):
     def state_dict(self) -> dict[str, Any]:
         """Return parameters, update residuals and the perturbation generator's state.
 
-        Levels left unknown by a failed write are read back first when the instrument answers;
-        if it does not, they are stored as NaN, and :meth:`load_state_dict` keeps the
-        instrument's level there.
+        Levels left unknown by a failed write are read back first. If the instrument does not
+        reply, they are stored as NaN, and :meth:`load_state_dict` keeps the instrument's level
+        there.
         """
         try:
             self._refresh_levels()

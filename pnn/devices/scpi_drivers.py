@@ -152,7 +152,7 @@ class ScpiInstrument(Instrument):
                     text = link.read_line().decode(link.settings.encoding, errors="replace").strip()
                     replies.extend(part.strip() for part in text.split(";"))
         except InstrumentTimeout as exc:
-            # A SCPI instrument answers a query it rejects with silence and an error in its
+            # A SCPI instrument meets a query it rejects with silence and an error in its
             # queue (a channel that does not exist, say); that error says more than the timeout.
             errors = self.read_errors() if self.has_command("error") else []
             if not errors:

@@ -23,7 +23,7 @@ __all__ = ["ChannelRule", "CommandAudit"]
 
 @dataclass(frozen=True)
 class ChannelRule:
-    """What a node allows on one source channel."""
+    """Limits and ramp step that a node allows on one source channel."""
 
     where: str
     """Node and array, for messages."""
@@ -33,16 +33,16 @@ class ChannelRule:
     """Largest change per command, in the channel's unit; ``inf`` for channels that may jump."""
     safe: float | None
     readable: bool
-    """False for a set-only channel: its first write must be the safe value, which later writes
-    may also jump to (after a reconnection the host no longer knows the level)."""
+    """False for a set-only channel. Its first write must be the safe value, and later writes may
+    also jump to it, because after a reconnection the host no longer has a record of the level."""
 
 
 class CommandAudit:
     """Replays an emulator's record against the limits and ramp steps of instrument nodes.
 
-    Create it after the nodes are built and before anything is written: it takes the levels
-    the emulated hardware holds at that moment as the start of every ramp, and checks only
-    commands received afterwards.
+    Create it after the nodes are built and before anything is written. It takes the levels of
+    the emulated hardware at that moment as the start of every ramp, and checks only commands
+    received afterwards.
 
     Parameters
     ----------
