@@ -96,8 +96,9 @@ def test_audit_catches_commands_that_bypass_the_node(emulator, tmp_path):
         # Within the range but far more than one ramp step, then a level above the range.
         instrument.write_levels([first], np.array([float(weight.spec.upper_array.flat[0])]))
         instrument.write("level_set", channel=first, value=float(weight.spec.upper_array.flat[0]) + 1.0)
+        # The error query's reply comes after the emulator has recorded the level command.
+        assert instrument.read_errors()
         problems = audit.violations()
-        instrument.read_errors()
         node.set_parameters({"weight": np.zeros(weight.spec.shape)})
     assert any("more than max_step" in line for line in problems)
     assert any("outside" in line for line in problems)
