@@ -19,6 +19,7 @@ Conventions shared by all nodes:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from abc import ABC, abstractmethod
@@ -121,13 +122,15 @@ class ParameterSpec:
                 f"[{lower.min():g}, {upper.max():g}] {self.unit}"
             )
 
-    # Scalar views of the limits, for messages and for kernels that take one range.
-    @property
+    # Scalar views of the limits, for messages and for kernels that take one range. They are
+    # computed once, because instrument nodes read them several times per update; the broadcast
+    # views are read-only, so sharing them is safe.
+    @functools.cached_property
     def lower_array(self) -> np.ndarray:
         """Lower limit broadcast to ``shape``."""
         return np.broadcast_to(np.asarray(self.lower, dtype=np.float64), self.shape)
 
-    @property
+    @functools.cached_property
     def upper_array(self) -> np.ndarray:
         """Upper limit broadcast to ``shape``."""
         return np.broadcast_to(np.asarray(self.upper, dtype=np.float64), self.shape)

@@ -236,6 +236,11 @@ class InstrumentNode(Node):
         # read back and has unknown_start = "safe" counts as being there while its level is
         # unknown; its next write then goes through the safe value.
         self._commanded = {bank.name: np.full(bank.spec.shape, np.nan) for bank in self._all_banks()}
+        self._channel_arrays = {bank.name: np.asarray(bank.group.channels) for bank in self._all_banks()}
+        # Rounding to float32 is monotonic, so it can only carry an input across a limit that is
+        # not itself a float32 number (a narrowed limit such as -0.496).
+        lower, upper = self.input_spec.lower_array, self.input_spec.upper_array
+        self._limits_off_float32 = bool(np.any(lower.astype(np.float32) != lower) or np.any(upper.astype(np.float32) != upper))
         self._close_callbacks: list[Callable[[], None]] = []
         self._refresh_levels(force=True)
         self._configure()
@@ -433,20 +438,21 @@ class InstrumentNode(Node):
                 "is unknown and cannot be read back, so a ramp could jump; set unknown_start = 'safe' "
                 "in the station file to start from the safe value"
             )
-        unknown = ~np.isfinite(current)
-        channels = [c for c, flag in zip(bank.group.channels, unknown.ravel()) if flag]
-        safe = np.full(len(channels), float(bank.spec.safe_value))
+        unknown = np.flatnonzero(~np.isfinite(current.ravel()))
+        safe = np.full(len(unknown), float(bank.spec.safe_value))
         log.warning("%s: level unknown on %d channel(s); setting the safe value %g first",
-                    where, len(channels), bank.spec.safe_value)
-        self._write_channels(bank, channels, safe)
+                    where, len(unknown), bank.spec.safe_value)
+        self._write_channels(bank, unknown, safe)
         return self._levels[bank.name]
 
-    def _write_channels(self, bank: OutputBank, channels: Sequence[int], values: np.ndarray) -> None:
-        """Write some channels of a bank and update the known levels (unknown on failure)."""
+    def _write_channels(self, bank: OutputBank, positions: np.ndarray, values: np.ndarray) -> None:
+        """Write the channels at ``positions`` (flat indices into the bank) and update the known levels.
+
+        On failure those levels become unknown.
+        """
         instrument = self._instruments[bank.group.instrument]
-        index = {c: i for i, c in enumerate(bank.group.channels)}
         flat = self._levels[bank.name].reshape(-1)
-        positions = [index[c] for c in channels]
+        channels = self._channel_arrays[bank.name][positions].tolist()
         try:
             instrument.write_levels(channels, values)
         except BaseException:
@@ -480,11 +486,9 @@ class InstrumentNode(Node):
                     continue
                 bank = self._bank(name)
                 value = path[step].reshape(-1)
-                changed = value != self._levels[name].reshape(-1)
-                if not np.any(changed):
-                    continue
-                channels = [c for c, flag in zip(bank.group.channels, changed) if flag]
-                self._write_channels(bank, channels, value[changed])
+                changed = np.flatnonzero(value != self._levels[name].reshape(-1))
+                if changed.size:
+                    self._write_channels(bank, changed, value[changed])
 
     def _check_start_inside(self, bank: OutputBank, start: np.ndarray) -> None:
         """Raise LimitError if a ramp would start outside the limits.
@@ -562,7 +566,7 @@ class InstrumentNode(Node):
     # --------------------------------------------------------------------------- forward
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         applied = self.input_spec.quantize(x) if self.input_spec.resolution > 0 else x
-        if self.mode == "buffered" and self._instruments[self._inputs.group.instrument].sends_float32:
+        if self._limits_off_float32 and self.mode == "buffered" and self._instruments[self._inputs.group.instrument].sends_float32:
             applied = _float32_inside(applied, self.input_spec.lower_array, self.input_spec.upper_array)
         readings = self._measure_batch(applied)
         n_out = self.n_out
@@ -594,10 +598,9 @@ class InstrumentNode(Node):
         groups = [self._outputs, *self._probes.values()]
         rows = []
         for row in x:
-            changed = row != self._levels[self._inputs.name]
-            if np.any(changed):
-                channels = [c for c, flag in zip(self._inputs.group.channels, changed) if flag]
-                self._write_channels(self._inputs, channels, row[changed])
+            changed = np.flatnonzero(row != self._levels[self._inputs.name])
+            if changed.size:
+                self._write_channels(self._inputs, changed, row[changed])
             if self.settle_s > 0:
                 time.sleep(self.settle_s)
             readings = []
