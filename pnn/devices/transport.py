@@ -572,6 +572,10 @@ class Transport(ABC):
         for the reply to the next query, it would put the link out of step again. Each missing
         reply is awaited for up to ``timeout_s`` of silence, because a lost or garbled one never
         comes.
+
+        NOTE: a sync reply later than that still reaches the next exchange. Drivers parse every
+        reply strictly, and an identity string is no reading, level, block or error code, so
+        that exchange fails and the link resynchronises again.
         """
         term = self.settings.read_term_bytes
         stop = time.monotonic() + self.settings.deadline_s
