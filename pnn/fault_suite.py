@@ -35,7 +35,7 @@ from .controller import PhysicalNoProp, TrainingStopped
 from .devices.station import Station, load_station
 from .emulators import CommandAudit, EmulatedHardware, FaultConfig, LayerSpec, ScpiEmulator, SerialBoardEmulator
 from .emulators.base import Emulator
-from .errors import LimitError, PnnError
+from .errors import ConfigError, LimitError, PnnError
 from .learning import DFA
 from .network import Encoder, PhysicalNetwork, Readout
 from .runs import RunDir
@@ -438,7 +438,7 @@ def run_fault_suite(kinds: Sequence[str] | None = None, *, seed: int = 0,
     known = {scenario.kind: scenario for scenario in SCENARIOS}
     unknown = sorted(set(kinds or ()) - set(known))
     if unknown:
-        raise ValueError(f"unknown fault kind(s) {unknown}; choose from {', '.join(known)}")
+        raise ConfigError(f"unknown fault kind(s) {unknown}; choose from {', '.join(known)}")
     results = []
     for scenario in SCENARIOS:
         if kinds and scenario.kind not in kinds:
