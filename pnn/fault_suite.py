@@ -91,7 +91,10 @@ class Scenario:
     readback_overshoot: bool = False
     lr: float = 0.05
     special: str | None = None
-    """``"threads"`` or ``"open_close"`` for the scenarios that are not fault injections."""
+    """What the scenario does besides injecting: ``"threads"`` (a second thread queries the
+    instrument), ``"open_close"`` (no training, open and close cycles), ``"at_limits"``
+    (parameters start at their range limits) or ``"count_unknown"`` (counts the channels whose
+    start is unknown as the faults)."""
 
 
 @dataclass
