@@ -12,9 +12,11 @@ alike. Reported, each as the median of ``--repeats`` runs after a warm-up:
 - the fixed costs no format changes: one round trip, and running the loaded batch;
 - pnn's own overhead (validation, formatting, parsing, bookkeeping: everything outside the
   pyvisa read and write calls) as a share of the time spent in those calls, for a forward pass
-  and for a whole DFA training step run by the controller.
+  and for a whole DFA training step run by the controller. The overhead of each run is its
+  wall time minus its time in those calls, and the median of these is reported;
+- how many exchanges, link writes and link reads a forward pass and a training step take.
 
-Run: ``python benchmarks/bench_transport.py`` (about a minute on 2 cores).
+Run: ``python benchmarks/bench_transport.py`` (under a minute on 2 cores).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from pnn.controller import PhysicalNoProp  # noqa: E402
 from pnn.devices import load_station  # noqa: E402
+from pnn.devices.transport import TransportStats  # noqa: E402
 from pnn.learning import DFA  # noqa: E402
 from pnn.network import Encoder, PhysicalNetwork, Readout  # noqa: E402
 
@@ -58,20 +61,24 @@ def start_emulator(n_in: int, n_out: int, station: Path, transfer: str) -> subpr
 
 
 class Timer:
-    """Collects wall time and time inside pyvisa calls of repeated calls of one function."""
+    """Collects wall time, time inside pyvisa calls and link calls of repeated calls of one function."""
 
-    def __init__(self, function: Callable[[], object], io_clock: Callable[[], float]) -> None:
+    def __init__(self, function: Callable[[], object], stats: TransportStats, steps: int = 1) -> None:
         self.function = function
-        self.io_clock = io_clock
+        self.stats = stats
+        self.steps = steps
         self.walls: list[float] = []
         self.ios: list[float] = []
+        self.calls: list[tuple[int, int, int]] = []
 
     def once(self) -> None:
-        io_before = self.io_clock()
+        stats = self.stats
+        before = (stats.io_s, stats.exchanges, stats.writes, stats.reads)
         start = time.perf_counter()
         self.function()
-        self.walls.append(time.perf_counter() - start)
-        self.ios.append(self.io_clock() - io_before)
+        self.walls.append((time.perf_counter() - start) / self.steps)
+        self.ios.append((stats.io_s - before[0]) / self.steps)
+        self.calls.append((stats.exchanges - before[1], stats.writes - before[2], stats.reads - before[3]))
 
     @property
     def wall(self) -> float:
@@ -80,6 +87,16 @@ class Timer:
     @property
     def io(self) -> float:
         return float(np.median(self.ios))
+
+    @property
+    def overhead(self) -> float:
+        """Median over runs of the time outside pyvisa calls."""
+        return float(np.median(np.subtract(self.walls, self.ios)))
+
+    @property
+    def per_run(self) -> tuple[float, float, float]:
+        """Mean exchanges, writes and reads per call of the function, per step."""
+        return tuple(float(v) / self.steps for v in np.mean(self.calls, axis=0))
 
     @property
     def best(self) -> float:
@@ -109,18 +126,17 @@ def main() -> None:
             node = station.build_nodes()[0]
             instrument = station.instruments["emulator"]
             stats = instrument.transport.stats
-            io_clock = (lambda s: lambda: s.io_s)(stats)
 
             def fetch(instrument=instrument) -> None:
                 with instrument.exchange() as link:
                     link.write("FETC?")
                     instrument._read_data(link, where="bench", expected=values)
 
-            timers[f"forward {transfer}"] = Timer((lambda n: lambda: n.forward(x))(node), io_clock)
-            timers[f"fetch {transfer}"] = Timer(fetch, io_clock)
+            timers[f"forward {transfer}"] = Timer((lambda n: lambda: n.forward(x))(node), stats)
+            timers[f"fetch {transfer}"] = Timer(fetch, stats)
             if transfer == "binary":
-                timers["round trip"] = Timer(lambda i=instrument: i.query("wait"), io_clock)
-                timers["run"] = Timer(lambda i=instrument: i.query("run"), io_clock)
+                timers["round trip"] = Timer(lambda i=instrument: i.query("wait"), stats)
+                timers["run"] = Timer(lambda i=instrument: i.query("run"), stats)
             for _ in range(20):
                 node.forward(x)
 
@@ -138,10 +154,10 @@ def main() -> None:
         controller = PhysicalNoProp(network, DFA(), lr=1e-3, epochs=1, batch_size=args.batch,
                                     progress=False, clip_updates=True)
         controller.fit(data[: 2 * args.batch], labels[: 2 * args.batch], n_classes=n_out)
-        io_before = stats.io_s
-        start = time.perf_counter()
-        controller.fit(data, labels, n_classes=n_out)
-        training = ((time.perf_counter() - start) / 20, (stats.io_s - io_before) / 20)
+        # Each run is one epoch of 20 steps; times and calls are reported per step.
+        training = Timer(lambda: controller.fit(data, labels, n_classes=n_out), stats, steps=20)
+        for _ in range(max(3, args.repeats // 30)):
+            training.once()
     finally:
         for station in stations.values():
             station.close()
@@ -164,12 +180,13 @@ def main() -> None:
               f"ascii/binary = {ascii_timer.wall / binary_timer.wall:.1f} (fastest: {ascii_timer.best / binary_timer.best:.1f})")
     print(f"fixed costs: one round trip (*OPC?) {t['round trip'].wall * 1e3:.3f} ms, running the loaded batch "
           f"on the emulator (INIT;*OPC?) {t['run'].wall * 1e3:.3f} ms")
-    rows = [("forward pass, binary", t["forward binary"].wall, t["forward binary"].io),
-            ("forward pass, ascii", t["forward ascii"].wall, t["forward ascii"].io),
-            ("DFA training step, binary, through the controller", *training)]
-    for label, wall, io in rows:
-        print(f"pnn overhead, {label}: {(wall - io) * 1e3:.3f} ms of {wall * 1e3:.3f} ms, "
-              f"{100 * (wall - io) / io:.1f} % of the {io * 1e3:.3f} ms in pyvisa calls")
+    rows = [("forward pass, binary", t["forward binary"]), ("forward pass, ascii", t["forward ascii"]),
+            ("DFA training step, binary, through the controller", training)]
+    for label, timer in rows:
+        exchanges, writes, reads = timer.per_run
+        print(f"pnn overhead, {label}: {timer.overhead * 1e3:.3f} ms of {timer.wall * 1e3:.3f} ms, "
+              f"{100 * timer.overhead / timer.io:.1f} % of the {timer.io * 1e3:.3f} ms in pyvisa calls; "
+              f"{exchanges:.1f} exchanges, {writes:.1f} writes, {reads:.1f} reads")
 
 
 if __name__ == "__main__":

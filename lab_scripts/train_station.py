@@ -11,7 +11,8 @@ Usage::
 
 The first node must have as many inputs as the dataset has features (12 for the vowels) and the
 last as many outputs as it has classes (7). Exit code 0 on success, 2 for a problem in the file
-or the options, 1 for an instrument problem, 130 when interrupted.
+or the options (an instrument that cannot be reached or identified at the start included), 1 for
+an instrument that keeps failing during training, 130 when interrupted.
 """
 
 from __future__ import annotations

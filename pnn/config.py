@@ -111,9 +111,15 @@ class TrainConfig:
     clip_updates: bool = True
     """Clip updates at parameter limits (each clip is counted and logged) instead of stopping."""
     max_consecutive_invalid: int = 10
-    """Stop after this many rejected batches in a row."""
+    """Stop after this many batches in a row without an update (invalid measurements or instrument faults)."""
+    retry_backoff_s: float = 0.5
+    """Pause after an instrument fault before the batch is tried again, in seconds; doubled per fault in a row."""
+    retry_backoff_max_s: float = 30.0
+    """Maximum pause between two tries of a batch, in seconds."""
     checkpoint_every: int = 0
     """Extra checkpoint every n steps (0: at the end of each epoch only)."""
+    checkpoint_interval_s: float = 60.0
+    """Extra checkpoint when this many seconds have passed since the last one (0: never)."""
     out: str | None = None
     """Run folder; default ``runs/<date>-<time>-<dataset>-<rule>``."""
 
@@ -220,6 +226,16 @@ def resolve_config(config: TrainConfig, *, lr_scale: float = 1.0) -> TrainConfig
         value = getattr(config, key)
         if value is not None and value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
+    if config.seed < 0:
+        raise ConfigError(f"seed must be a whole number >= 0, got {config.seed}")
+    if config.max_consecutive_invalid < 1:
+        raise ConfigError(f"max_consecutive_invalid must be at least 1, got {config.max_consecutive_invalid}")
+    if config.checkpoint_every < 0:
+        raise ConfigError(f"checkpoint_every must be 0 (off) or a number of steps, got {config.checkpoint_every}")
+    for key in ("retry_backoff_s", "retry_backoff_max_s", "checkpoint_interval_s"):
+        value = getattr(config, key)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{key} must be a number of seconds >= 0, got {value}")
     if config.encoder not in ("standard", "minmax", "none"):
         raise ConfigError(f"unknown encoder {config.encoder!r}; choose standard, minmax or none")
     # The same names as pnn.calibration's CALIBRATION_MODES and DRIFT_ACTIONS, which this light

@@ -144,11 +144,12 @@ def train(
     resume: str | Path | None = None,
     progress: bool = True,
     callbacks: list | None = None,
+    step_callbacks: list | None = None,
 ) -> dict[str, Any]:
     """Run one training from a configuration, or resume one from its run folder.
 
-    ``callbacks`` are passed to :class:`~pnn.controller.PhysicalNoProp`. Returns the summary
-    that is also written to the run folder's ``summary.json``.
+    ``callbacks`` and ``step_callbacks`` are passed to :class:`~pnn.controller.PhysicalNoProp`.
+    Returns the summary that is also written to the run folder's ``summary.json``.
     """
     started = time.perf_counter()
     if resume is not None:
@@ -198,9 +199,12 @@ def train(
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             },
         )
-        identity = {"nodes": network.identity(), "rule": rule.describe()}
         if calibrations is not None:
             calibrations.finish_setup(run.path)
+    if not run.has_identity():
+        # Written at the start; a run killed before that point gets it when resumed.
+        identity = {"nodes": network.identity(), "rule": rule.describe()}
+        if calibrations is not None:
             identity["calibrations"] = calibrations.hashes()
         run.write_identity(identity)
 
@@ -209,9 +213,10 @@ def train(
         loss=config.loss, optimizer=config.optimizer, lr=config.lr, momentum=config.momentum,
         weight_decay=config.weight_decay, lr_schedule=config.lr_schedule, epochs=config.epochs,
         batch_size=config.batch_size, seed=config.seed, clip_updates=config.clip_updates,
-        max_consecutive_invalid=config.max_consecutive_invalid,
-        checkpoint_every=config.checkpoint_every, run=run, progress=progress, node_factory=factory,
-        callbacks=callbacks,
+        max_consecutive_invalid=config.max_consecutive_invalid, retry_backoff_s=config.retry_backoff_s,
+        retry_backoff_max_s=config.retry_backoff_max_s, checkpoint_every=config.checkpoint_every,
+        checkpoint_interval_s=config.checkpoint_interval_s, run=run, progress=progress, node_factory=factory,
+        callbacks=callbacks, step_callbacks=step_callbacks,
     )
     try:
         controller.fit(
@@ -245,6 +250,7 @@ def train(
     }
     if calibrations is not None:
         summary["calibrations"] = calibrations.hashes()
-    run.write_summary(summary)
+    # The summary marks the run as finished, so it is written last.
     _plot_curves(run)
+    run.write_summary(summary)
     return summary

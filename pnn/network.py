@@ -313,6 +313,13 @@ class PhysicalNetwork:
             On hardware this addition is digital, in the host between two nodes, or an analog
             adder (a DAC summed into the next node's input) where the signal does not pass
             through the host.
+
+        Raises
+        ------
+        MeasurementError
+            If a node other than the last measures a NaN or infinite output (an overrange
+            reading, say): the nodes after it do not run, because no instrument may be sent an
+            invalid value. :attr:`states` then ends with that node's state.
         """
         checked = self._check_perturbations(perturbations, np.shape(x)[0] if np.ndim(x) == 2 else 0)
         signal = x
@@ -321,13 +328,13 @@ class PhysicalNetwork:
         last = len(self.nodes) - 1
         for position, node in enumerate(self.nodes):
             signal = node.forward(signal)
-            states.append(node.measure_state())
-            if position < last:
-                # An invalid reading must not be sent on to the next node's hardware.
-                reason = states[-1].invalid_reason()
-                if reason is not None:
-                    self._states = None
-                    raise MeasurementError(f"node {node.name!r}: {reason}; the batch was not passed on")
+            state = node.measure_state()
+            states.append(state)
+            if position < last and not np.all(np.isfinite(signal)):
+                self._states = states
+                raise MeasurementError(
+                    f"invalid measurement, batch rejected: node {node.name!r}: {node.describe_invalid(state)}"
+                )
             if position in checked:
                 signal, applied[position] = self._perturb(position, signal, checked[position])
         self._states = states
@@ -380,7 +387,7 @@ class PhysicalNetwork:
     def invalid_reason(self) -> str | None:
         """Return why the last forward pass must not be used for an update, or None."""
         for node, state in zip(self.nodes, self.states):
-            reason = state.invalid_reason()
+            reason = node.describe_invalid(state)
             if reason is not None:
                 return f"node {node.name!r}: {reason}"
         return None
@@ -388,17 +395,21 @@ class PhysicalNetwork:
     def predict(self, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
         """Return the outputs for many examples, in batches; states are not kept.
 
-        A batch whose measurement fails inside the network gets NaN outputs, so callers count
-        its examples as invalid.
+        An example whose signal becomes NaN or infinite at some node (an overrange reading)
+        is not sent to the nodes after it, and its outputs are NaN; the other examples of the
+        batch go on.
         """
         outputs = []
         for start in range(0, len(x), batch_size):
-            chunk = x[start : start + batch_size]
-            try:
-                outputs.append(np.asarray(self.forward(chunk), dtype=np.float64))
-            except MeasurementError as exc:
-                log.warning("examples %d to %d have no valid outputs: %s", start, start + len(chunk) - 1, exc)
-                outputs.append(np.full((len(chunk), self.n_out), np.nan))
+            signal = np.asarray(x[start : start + batch_size])
+            valid = np.ones(len(signal), dtype=bool)
+            for node in self.nodes:
+                out = np.full((len(signal), node.n_out), np.nan)
+                if valid.any():
+                    out[valid] = node.forward(signal[valid])
+                valid &= np.all(np.isfinite(out), axis=1)
+                signal = out
+            outputs.append(signal)
         self._states = None
         return np.concatenate(outputs, axis=0)
 
@@ -427,13 +438,21 @@ class PhysicalNetwork:
         for node in self.nodes:
             node.load_state_dict(state[node.name])
 
-    def apply_safe_state(self) -> None:
-        """Apply every node's safe state; a failure on one node does not stop the others."""
+    def apply_safe_state(self) -> list[tuple[str, BaseException]]:
+        """Apply every node's safe state; a failure on one node does not stop the others.
+
+        Returns the (node name, exception) of every node whose safe state failed, each also
+        logged; an empty list when all went safe.
+        """
+        failures = []
         for node in self.nodes:
             try:
                 node.apply_safe_state()
-            except Exception:  # noqa: BLE001 - every node must get its chance to go safe
-                log.exception("node %r: applying the safe state failed", node.name)
+            except Exception as exc:  # noqa: BLE001 - every node must get its chance to go safe
+                log.error("node %r: applying the safe state failed: %s", node.name, exc,
+                          exc_info=log.isEnabledFor(logging.DEBUG))
+                failures.append((node.name, exc))
+        return failures
 
     def close(self) -> None:
         """Close every node."""

@@ -19,6 +19,7 @@ Conventions shared by all nodes:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from abc import ABC, abstractmethod
@@ -121,13 +122,15 @@ class ParameterSpec:
                 f"[{lower.min():g}, {upper.max():g}] {self.unit}"
             )
 
-    # Scalar views of the limits, for messages and for kernels that take one range.
-    @property
+    # Scalar views of the limits, for messages and for kernels that take one range. They are
+    # computed once, because instrument nodes read them several times per update; the broadcast
+    # views are read-only, so sharing them is safe.
+    @functools.cached_property
     def lower_array(self) -> np.ndarray:
         """Lower limit broadcast to ``shape``."""
         return np.broadcast_to(np.asarray(self.lower, dtype=np.float64), self.shape)
 
-    @property
+    @functools.cached_property
     def upper_array(self) -> np.ndarray:
         """Upper limit broadcast to ``shape``."""
         return np.broadcast_to(np.asarray(self.upper, dtype=np.float64), self.shape)
@@ -420,6 +423,13 @@ class Node(ABC):
         if self._state is None:
             raise PnnError(f"{self._where()}: no forward pass yet, so there is no state to measure")
         return self._state
+
+    def describe_invalid(self, state: NodeState) -> str | None:
+        """Return why ``state`` must not be used for an update, or None if it is valid.
+
+        Nodes that know where a reading came from (an instrument channel) add that.
+        """
+        return state.invalid_reason()
 
     @abstractmethod
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:

@@ -11,7 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pnn.devices import ScpiMeter, ScpiSource, ScpiSourceMeter, SerialBoard, TransportSettings, VisaTransport
+from pnn.devices import (
+    ScpiInstrument,
+    ScpiMeter,
+    ScpiSource,
+    ScpiSourceMeter,
+    SerialBoard,
+    TransportSettings,
+    VisaTransport,
+)
 from pnn.devices.instrument import get_driver, identity_matches
 from pnn.devices.replay import Exchange, ReplayMismatch, ReplayTransport
 from pnn.devices.scpi import encode_block
@@ -23,7 +31,9 @@ IDN = "ACME,DAQ-8,SN42,2.1"
 
 
 def _connected(driver_class, pairs, **options):
-    transport = ReplayTransport.from_pairs([("*IDN?", IDN), *pairs], FAST, name="daq")
+    # SCPI drivers clear errors left in the queue from before the connection.
+    connect = [("*IDN?", IDN)] + ([("SYST:ERR?", '0,"No error"')] if issubclass(driver_class, ScpiInstrument) else [])
+    transport = ReplayTransport.from_pairs([*connect, *pairs], FAST, name="daq")
     driver = driver_class(transport, name="daq", **options)
     driver.connect()
     return driver, transport
@@ -101,6 +111,44 @@ def test_unknown_command_key_is_a_config_error():
         ScpiSource(transport, name="daq", commands={"level_sett": "X"})
 
 
+@pytest.mark.parametrize(
+    "key, template, message",
+    [
+        ("level_set", "SOUR{chan}:VOLT {value}", r"uses \{chan\}, which this command does not fill; it may use \{channel\}, \{value\}"),
+        ("level_set", "SOUR{channel}:VOLT 1", r"must contain \{value\} once"),
+        ("sequence_data", "DATA {data};:DATA {data}", r"must contain \{data\} once.*2 times"),
+        ("level_get", "SOUR{channel}:VOLT? {", "not a valid template"),
+    ],
+)
+def test_command_override_fields_are_checked(key, template, message):
+    transport = ReplayTransport([], FAST)
+    with pytest.raises(ConfigError, match=message):
+        ScpiSourceMeter(transport, name="daq", commands={key: template})
+
+
+def test_stale_errors_are_cleared_when_connecting():
+    transport = ReplayTransport.from_pairs([
+        ("*IDN?", IDN), ("SYST:ERR?", '-113,"Undefined header"'), ("SYST:ERR?", '0,"No error"'),
+        ("SOUR3:VOLT 0.25;:SYST:ERR?", '0,"No error"'),
+    ], FAST, name="daq")
+    source = ScpiSource(transport, name="daq")
+    source.connect()
+    source.write_levels([3], np.array([0.25]))
+    transport.assert_all_used()
+
+
+def test_rejected_query_reports_the_queued_error():
+    source, transport = _connected(ScpiSource, [
+        ("SOUR99:VOLT? MIN;:SOUR99:VOLT? MAX;:SOUR99:VOLT:RES?", None),
+        ("*IDN?", IDN),  # the link resynchronises after the timeout
+        ("SYST:ERR?", '-114,"Header suffix out of range"'),
+        ("SYST:ERR?", '0,"No error"'),
+    ])
+    with pytest.raises(InstrumentError, match="rejected the query: -114 Header suffix out of range"):
+        source.channel_ranges([99])
+    transport.assert_all_used()
+
+
 # ------------------------------------------------------------------------- scpi meter
 def test_meter_measure_with_overrange():
     meter, transport = _connected(ScpiMeter, [
@@ -135,6 +183,7 @@ def test_batch_binary_is_two_exchanges():
     block = encode_block(x.astype(">f4").tobytes())
     transport = ReplayTransport([
         Exchange(b"*IDN?\n", IDN.encode() + b"\n"),
+        Exchange(b"SYST:ERR?\n", b'0,"No error"\n'),
         Exchange(_batch_settings_line(block), b"1\n"),
         Exchange(b"FETC?\n", encode_block(readings.tobytes()) + b"\n"),
         Exchange(b"SOUR:SEQ:DATA " + block + b";:INIT;*OPC?\n", b"1\n"),
@@ -159,6 +208,7 @@ def test_batch_ascii():
     )
     transport = ReplayTransport([
         Exchange(b"*IDN?\n", IDN.encode() + b"\n"),
+        Exchange(b"SYST:ERR?\n", b'0,"No error"\n'),
         Exchange(line, b"1\n"),
         Exchange(b"FETC?\n", b"0.125\n"),
     ], FAST)
@@ -176,6 +226,7 @@ def test_batch_short_reply_is_a_measurement_error():
     )
     transport = ReplayTransport([
         Exchange(b"*IDN?\n", IDN.encode() + b"\n"),
+        Exchange(b"SYST:ERR?\n", b'0,"No error"\n'),
         Exchange(line, b"1\n"),
         Exchange(b"FETC?\n", b"0.125\n"),
     ], FAST)

@@ -53,6 +53,17 @@ def test_late_reply_goes_to_its_own_query(emulator, instrument):
     assert instrument.transport.stats.discarded_bytes > 0
 
 
+def test_late_resync_reply_is_not_taken_for_the_next(emulator, instrument):
+    # The query gets no reply; the first resynchronisation reply comes after the timeout, so a
+    # second resynchronisation query is sent, and its reply is still on the way after the first.
+    emulator.inject("no_reply")
+    emulator.inject("late", late_s=0.5)
+    with pytest.raises(InstrumentTimeout):
+        instrument.query("level_min", channel=4)
+    assert _upper(instrument, 4) == pytest.approx(emulator.hardware.upper[3])
+    assert _upper(instrument, 5) == pytest.approx(emulator.hardware.upper[4])
+
+
 def test_line_in_pieces_is_joined(emulator, instrument):
     emulator.inject("split", split_pieces=4, split_pause_s=0.1)
     assert instrument.identify() == emulator.identity

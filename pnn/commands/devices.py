@@ -92,9 +92,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _identify_station(path: str) -> int:
-    from ..devices import load_station
+    from ..devices.station import open_station
 
-    station = load_station(path)
+    station = open_station(path)
     try:
         print(f"station {station.name!r} from {station.path}")
         for name, instrument in station.instruments.items():

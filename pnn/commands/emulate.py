@@ -48,6 +48,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         sub.add_argument("--slow-latency", type=float, default=0.2, metavar="S",
                          help="extra delay per reply during a slow period (default 0.2 s)")
         sub.add_argument("--fault-seed", type=int, default=0, help="seed of the fault and noise generator")
+        sub.add_argument("--readback-overshoot", action="store_true",
+                         help="read a level at a channel's range limit back as one step beyond it, as a rounding DAC does")
         sub.add_argument("--record", metavar="FILE", help="append every command received to FILE as JSON lines")
         sub.add_argument("--write-station", metavar="FILE", help="write a station file for this emulator to FILE")
         sub.add_argument("--mode", choices=("buffered", "point"), default="buffered",
@@ -68,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
 
     from ..emulators import EmulatedHardware, FaultConfig, ScpiEmulator, SerialBoardEmulator, parse_layers
     from ..emulators.faults import parse_fault_rates
+    from ..errors import ConfigError
+
+    if args.duration is not None and not (args.duration > 0 and args.duration < float("inf")):
+        raise ConfigError(f"--duration must be a positive number of seconds, got {args.duration}")
 
     faults = FaultConfig(
         latency_s=args.latency,
@@ -77,15 +83,16 @@ def run(args: argparse.Namespace) -> int:
         slow_latency_s=args.slow_latency,
         seed=args.fault_seed,
     )
-    hardware = EmulatedHardware(parse_layers(args.layers), preset=args.preset, seed=args.seed)
+    hardware = EmulatedHardware(parse_layers(args.layers), preset=args.preset, seed=args.seed,
+                                readback_overshoot=args.readback_overshoot)
     if args.emulator == "scpi":
         emulator: Any = ScpiEmulator(hardware, port=args.port, faults=faults, serial_number=args.serial_number,
                                      record_path=args.record)
     else:
         emulator = SerialBoardEmulator(hardware, faults=faults, link=args.link, serial_number=args.serial_number,
                                        max_rows=args.max_rows, record_path=args.record)
-    emulator.start()
     try:
+        emulator.start()
         if args.emulator == "scpi":
             print(f"SCPI emulator listening on 127.0.0.1 port {emulator.port}")
             print(f"resource: {emulator.resource}")

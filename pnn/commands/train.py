@@ -108,8 +108,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--out", metavar="DIR", help="run folder (default: runs/<date>-<time>-<dataset>-<rule>)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint; takes its settings from the folder")
     run.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="extra checkpoint every STEPS updates (default: end of each epoch)")
+    run.add_argument("--checkpoint-interval", type=float, metavar="S", dest="checkpoint_interval_s",
+                     help="extra checkpoint when S seconds have passed since the last one; 0 turns it off (default: 60)")
     run.add_argument("--max-consecutive-invalid", type=int, metavar="N",
-                     help="stop after N rejected batches in a row (default: 10)")
+                     help="stop after N batches in a row without an update, from invalid measurements or instrument faults (default: 10)")
+    run.add_argument("--retry-backoff", type=float, metavar="S", dest="retry_backoff_s",
+                     help="pause after an instrument fault before trying the batch again, in seconds, doubled per fault in a row up to 30 s (default: 0.5)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--json", action="store_true", help="print the run summary as JSON after the accuracy line")
     add_common_options(parser)
@@ -121,8 +125,8 @@ _FIELDS = (
     "dataset", "data_dir", "download", "n_train", "n_test", "device", "preset", "station", "rule",
     "feedback", "hidden", "activation", "epochs", "batch_size", "lr", "optimizer", "momentum",
     "weight_decay", "lr_schedule", "loss", "clip_updates", "seed", "out", "checkpoint_every",
-    "max_consecutive_invalid", "calibrations", "calibration", "allow_expired_calibration", "allow_identity_mismatch",
-    "twin_gradients", "drift_check", "drift_action",
+    "checkpoint_interval_s", "max_consecutive_invalid", "retry_backoff_s", "calibrations", "calibration",
+    "allow_expired_calibration", "allow_identity_mismatch", "twin_gradients", "drift_check", "drift_action",
 )
 
 

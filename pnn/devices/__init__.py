@@ -12,7 +12,17 @@ Importing this package does not import pyvisa or pyserial; they load when a link
 """
 
 from .board import SerialBoard
-from .instrument import DRIVERS, BatchRunner, ChannelRanges, Instrument, Meter, Source, get_driver, register_driver
+from .instrument import (
+    DRIVERS,
+    BatchRunner,
+    ChannelRanges,
+    IdentityMismatch,
+    Instrument,
+    Meter,
+    Source,
+    get_driver,
+    register_driver,
+)
 from .node import ChannelGroup, InstrumentNode, OutputBank, PerturbationSettings
 from .replay import Exchange, ReplayTransport
 from .scpi import OVERRANGE, Range, Choice, Setting, encode_block, parse_values, read_block, ramp_path
@@ -59,6 +69,7 @@ __all__ = [
     "SerialOptions",
     "UsbIdentity",
     "ConnectionLost",
+    "IdentityMismatch",
     "open_transport",
     "TrafficRecorder",
     "read_recording",

@@ -173,6 +173,10 @@ class SerialBoard(Instrument, Source, Meter, BatchRunner):
         return parse_values(reply, where=f"board {self.name!r} reading", overrange=self.overrange, expected=len(channels))
 
     # ---------------------------------------------------------------------------- batch
+    @property
+    def sends_float32(self) -> bool:  # type: ignore[override]
+        return self.transfer == "binary"
+
     def configure_batch(self, input_channels: Sequence[int], output_channels: Sequence[int], *,
                         settle_s: float, averages: int) -> None:
         """Send the batch configuration; every command is acknowledged (changes no output)."""

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
+import string
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
@@ -33,6 +35,7 @@ from .transport import ConnectionLost, Transport
 
 __all__ = [
     "Instrument",
+    "IdentityMismatch",
     "Source",
     "Meter",
     "BatchRunner",
@@ -41,9 +44,22 @@ __all__ = [
     "register_driver",
     "get_driver",
     "identity_matches",
+    "format_errors",
 ]
 
 log = logging.getLogger(__name__)
+
+#: Maximum pause between two reconnection attempts, in seconds, however many attempts are made.
+MAX_RECONNECT_BACKOFF_S = 30.0
+
+
+class IdentityMismatch(InstrumentError):
+    """An instrument other than the one the station file names replies at the address.
+
+    Retrying cannot fix this, so the training loop stops at once instead of retrying.
+    """
+
+    retryable = False
 
 
 @dataclass(frozen=True)
@@ -58,6 +74,48 @@ class ChannelRanges:
     resolution: np.ndarray
     """Smallest step per channel (DAC step); 0 where the instrument does not report one."""
     unit: str = "V"
+
+
+#: Fields a command template may contain, for keys whose default template is empty.
+_TEMPLATE_FIELDS = frozenset({"channel", "channels", "value", "data", "rows", "assignments"})
+#: Fields that carry the data of a command; an override must keep those its default has.
+_DATA_FIELDS = frozenset({"value", "data", "assignments"})
+
+
+def _template_fields(template: str) -> set[str]:
+    return {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+
+
+def _checked_template(instrument: str, key: str, template: str, default: str) -> str:
+    """Return a command override if its ``{fields}`` fit the command, else raise ConfigError."""
+    where = f"instrument {instrument!r}: commands.{key} = {template!r}"
+    try:
+        fields = _template_fields(template)
+    except ValueError as exc:
+        raise ConfigError(f"{where} is not a valid template ({exc}); write literal braces as {{{{ and }}}}") from None
+    allowed = _template_fields(default) if default else set(_TEMPLATE_FIELDS)
+    unknown = sorted(fields - allowed)
+    if unknown:
+        raise ConfigError(
+            f"{where} uses {', '.join('{' + f + '}' for f in unknown)}, which this command does not fill; "
+            f"it may use {', '.join('{' + f + '}' for f in sorted(allowed)) or 'no fields'}"
+        )
+    for field in sorted(allowed & _DATA_FIELDS) if template else []:
+        count = [name for _, name, _, _ in string.Formatter().parse(template)].count(field)
+        if count != 1:
+            raise ConfigError(f"{where} must contain {{{field}}} once, where the data goes; it contains it {count} times")
+    return template
+
+
+def format_errors(errors: Sequence[tuple[int, str]], limit: int = 3) -> str:
+    """Return queued instrument errors as text: repeats counted, at most ``limit`` kinds shown."""
+    counts: dict[tuple[int, str], int] = {}
+    for error in errors:
+        counts[error] = counts.get(error, 0) + 1
+    shown = [f"{code} {message}" + (f" (x{n})" if n > 1 else "") for (code, message), n in list(counts.items())[:limit]]
+    if len(counts) > limit:
+        shown.append(f"and {len(counts) - limit} other error(s)")
+    return "; ".join(shown)
 
 
 def identity_matches(expected: str, reply: str) -> bool:
@@ -96,7 +154,8 @@ class Instrument(ABC):
         How many times an exchange that finds the link broken reconnects before giving up;
         0 turns automatic reconnection off.
     reconnect_backoff_s
-        Pause before the first reconnection attempt, doubled for each further one, in seconds.
+        Pause after the first failed reconnection attempt, doubled after each further one up to
+        :data:`MAX_RECONNECT_BACKOFF_S`, in seconds.
     """
 
     #: Name of the driver in station files.
@@ -130,11 +189,15 @@ class Instrument(ABC):
                     f"instrument {name!r}: unknown command key {key!r} for driver {self.driver_name!r}; "
                     f"the keys are {', '.join(sorted(self.commands))}"
                 )
-            self.commands[key] = str(template)
+            self.commands[key] = _checked_template(name, key, str(template), self.COMMANDS[key])
         self.overrange = float(overrange)
         if int(reconnect_attempts) < 0:
             raise ConfigError(f"instrument {name!r}: reconnect_attempts must be >= 0, got {reconnect_attempts}")
         self.reconnect_attempts = int(reconnect_attempts)
+        if not (math.isfinite(float(reconnect_backoff_s)) and float(reconnect_backoff_s) >= 0):
+            raise ConfigError(
+                f"instrument {name!r}: reconnect_backoff_s must be a number of seconds >= 0, got {reconnect_backoff_s}"
+            )
         self.reconnect_backoff_s = float(reconnect_backoff_s)
         #: The identification reply of the connected instrument.
         self.identity_: str | None = None
@@ -182,8 +245,10 @@ class Instrument(ABC):
             raise ConnectionLost(
                 f"instrument {self.name!r} at {transport.resource} is unreachable: {exc}"
             ) from None
-        except InstrumentError:
+        except InstrumentError as exc:
             transport.close()
+            if exc.instrument is None:
+                exc.instrument = self.name
             raise
         self._check_identity(identity)
         self.identity_ = identity
@@ -203,10 +268,11 @@ class Instrument(ABC):
     def _check_identity(self, identity: str) -> None:
         if self.expected_identity and not identity_matches(self.expected_identity, identity):
             self.transport.close()
-            raise InstrumentError(
+            raise IdentityMismatch(
                 f"instrument {self.name!r} at {self.transport.resource} identifies as {identity!r}, "
                 f"but the station file expects {self.expected_identity!r}; check the address, or "
-                "update the identity key if the instrument was replaced"
+                "update the identity key if the instrument was replaced",
+                instrument=self.name,
             )
 
     def identify(self) -> str:
@@ -229,9 +295,10 @@ class Instrument(ABC):
             identity = self._identify_raw()
             if self.identity_ is not None and identity != self.identity_:
                 transport.close()
-                raise InstrumentError(
+                raise IdentityMismatch(
                     f"instrument {self.name!r}: after reconnecting, {transport.resource} identifies as "
-                    f"{identity!r} instead of {self.identity_!r}; refusing to continue with another device"
+                    f"{identity!r} instead of {self.identity_!r}; refusing to continue with another device",
+                    instrument=self.name,
                 )
             self._check_identity(identity)
             self.identity_ = identity
@@ -243,19 +310,28 @@ class Instrument(ABC):
 
     @contextmanager
     def exchange(self) -> Iterator[Transport]:
-        """Hold the instrument for one exchange; reconnect first if the link broke earlier."""
+        """Hold the instrument for one exchange; reconnect first if the link broke earlier.
+
+        Instrument errors leave with this instrument's name as their ``instrument``.
+        """
         transport = self.transport
         with transport.lock:
-            if not transport.is_open and self.identity_ is not None:
-                self._reconnect_with_backoff()
-            with transport.exchange() as link:
-                yield link
+            try:
+                if not transport.is_open and self.identity_ is not None:
+                    self._reconnect_with_backoff()
+                with transport.exchange() as link:
+                    yield link
+            except InstrumentError as exc:
+                if exc.instrument is None:
+                    exc.instrument = self.name
+                raise
 
     def _reconnect_with_backoff(self) -> None:
         if self.reconnect_attempts == 0:
             raise ConnectionLost(
                 f"instrument {self.name!r}: the link to {self.transport.resource} is closed and "
-                "automatic reconnection is off; call reconnect()"
+                "automatic reconnection is off; call reconnect()",
+                instrument=self.name,
             )
         delay = self.reconnect_backoff_s
         for attempt in range(1, self.reconnect_attempts + 1):
@@ -263,11 +339,12 @@ class Instrument(ABC):
                 self.reconnect()
                 return
             except ConnectionLost as exc:
-                log.warning("instrument %r: reconnection attempt %d failed: %s", self.name, attempt, exc)
+                log.warning("instrument %r: reconnection attempt %d of %d failed: %s",
+                            self.name, attempt, self.reconnect_attempts, exc)
                 if attempt == self.reconnect_attempts:
                     raise
                 time.sleep(delay)
-                delay *= 2
+                delay = min(2 * delay, MAX_RECONNECT_BACKOFF_S)
 
     def close(self) -> None:
         """Close the link (outputs keep their levels)."""
@@ -301,7 +378,7 @@ class Instrument(ABC):
         """Raise InstrumentError listing the queued errors, if any, after ``context``."""
         errors = self.read_errors()
         if errors:
-            listed = "; ".join(f"{code} {message}" for code, message in errors)
+            listed = format_errors(errors)
             raise InstrumentError(f"instrument {self.name!r} reported error(s) after {context}: {listed}")
 
     # ----------------------------------------------------------------------------- info
@@ -349,6 +426,11 @@ class Meter(ABC):
 
 class BatchRunner(ABC):
     """An instrument that applies a batch of input vectors and buffers the readings."""
+
+    @property
+    def sends_float32(self) -> bool:
+        """True when batch rows travel as 32-bit floats, which round values to 24-bit mantissas."""
+        return False
 
     @abstractmethod
     def run_batch(

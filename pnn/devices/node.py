@@ -117,11 +117,29 @@ def output_derivative(activation: Activation, outputs: np.ndarray) -> np.ndarray
 
 
 def _with_context(exc: PnnError, context: str) -> PnnError:
-    """Return an exception of the same type whose message starts with ``context``."""
+    """Return an exception of the same type and attributes whose message starts with ``context``."""
     try:
-        return type(exc)(f"{context}: {exc}")
+        wrapped = type(exc)(f"{context}: {exc}")
     except TypeError:
         return exc
+    wrapped.__dict__.update(exc.__dict__)
+    return wrapped
+
+
+def _float32_inside(values: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """Return ``values`` as float32 numbers (in float64) that still lie within ``[lower, upper]``.
+
+    Rounding to float32 moves a value by up to 6e-8 of its size, which can push a value at a
+    limit just outside it; such values move one float32 step back inside.
+    """
+    single = np.asarray(values, dtype=np.float32).copy()
+    lower = np.broadcast_to(lower, single.shape)
+    upper = np.broadcast_to(upper, single.shape)
+    high = single.astype(np.float64) > upper
+    single[high] = np.nextafter(single[high], np.float32(-np.inf))
+    low = single.astype(np.float64) < lower
+    single[low] = np.nextafter(single[low], np.float32(np.inf))
+    return single.astype(np.float64)
 
 
 class InstrumentNode(Node):
@@ -214,6 +232,15 @@ class InstrumentNode(Node):
         # instrument when it was read, so a reconnection triggers a fresh read-back.
         self._levels = {bank.name: np.full(bank.spec.shape, np.nan) for bank in self._all_banks()}
         self._epochs: dict[str, int] = {}
+        # Last level written to every bank (NaN before the first write). A bank that cannot be
+        # read back and has unknown_start = "safe" counts as being there while its level is
+        # unknown; its next write then goes through the safe value.
+        self._commanded = {bank.name: np.full(bank.spec.shape, np.nan) for bank in self._all_banks()}
+        self._channel_arrays = {bank.name: np.asarray(bank.group.channels) for bank in self._all_banks()}
+        # Rounding to float32 is monotonic, so it can only carry an input across a limit that is
+        # not itself a float32 number (a narrowed limit such as -0.496).
+        lower, upper = self.input_spec.lower_array, self.input_spec.upper_array
+        self._limits_off_float32 = bool(np.any(lower.astype(np.float32) != lower) or np.any(upper.astype(np.float32) != upper))
         self._close_callbacks: list[Callable[[], None]] = []
         self._refresh_levels(force=True)
         self._configure()
@@ -318,6 +345,11 @@ class InstrumentNode(Node):
         return self._specs
 
     @property
+    def banks(self) -> dict[str, OutputBank]:
+        """The source channels this node writes: ``"inputs"`` first, then each parameter, by name."""
+        return {bank.name: bank for bank in self._all_banks()}
+
+    @property
     def instruments(self) -> dict[str, Instrument]:
         """The drivers this node uses, by station name."""
         used = {group.instrument for group in self._groups().values()}
@@ -351,15 +383,36 @@ class InstrumentNode(Node):
 
     @staticmethod
     def _snap(bank: OutputBank, levels: np.ndarray) -> np.ndarray:
+        """Return read-back levels with those within one step outside a limit moved onto it.
+
+        A DAC at its limit may read back one step outside it through rounding. Levels are not
+        moved onto the grid: a ramp planned from a rounded start could step further than
+        ``max_step`` from the real one. A level further outside stays as read, so a ramp from
+        there refuses instead of crossing the limit.
+        """
         spec = bank.spec
         tol = max(spec.tolerance(), spec.resolution)
         lo, hi = spec.lower_array, spec.upper_array
         inside = (levels >= lo - tol) & (levels <= hi + tol)
-        snapped = np.where(inside, np.clip(levels, lo, hi), levels)
-        return spec.quantize(snapped) if spec.resolution > 0 else snapped
+        return np.where(inside, np.clip(levels, lo, hi), levels)
 
     def _read_parameters(self) -> dict[str, np.ndarray]:
-        return {name: self._levels[name].copy() for name in self._banks}
+        return {name: self._assumed_levels(bank) for name, bank in self._banks.items()}
+
+    def _assumed_levels(self, bank: OutputBank) -> np.ndarray:
+        """Return a bank's known levels; where unknown, its stand-in when ``unknown_start`` allows one.
+
+        With ``unknown_start = "safe"`` an unknown level stands for the last level written, or
+        the safe value before the first write. That stand-in is only a starting point for
+        computing targets: writes still start from a read-back or from the safe value itself.
+        """
+        levels = self._levels[bank.name].copy()
+        unknown = ~np.isfinite(levels)
+        if bank.unknown_start == "safe" and np.any(unknown):
+            commanded = self._commanded[bank.name]
+            stand_in = np.where(np.isfinite(commanded), commanded, float(bank.spec.safe_value))
+            levels[unknown] = stand_in[unknown]
+        return levels
 
     def known_levels(self) -> dict[str, np.ndarray]:
         """Return the last known level of the inputs and every parameter (NaN where unknown)."""
@@ -385,26 +438,31 @@ class InstrumentNode(Node):
                 "is unknown and cannot be read back, so a ramp could jump; set unknown_start = 'safe' "
                 "in the station file to start from the safe value"
             )
-        unknown = ~np.isfinite(current)
-        channels = [c for c, flag in zip(bank.group.channels, unknown.ravel()) if flag]
-        safe = np.full(len(channels), float(bank.spec.safe_value))
+        unknown = np.flatnonzero(~np.isfinite(current.ravel()))
+        safe = np.full(len(unknown), float(bank.spec.safe_value))
         log.warning("%s: level unknown on %d channel(s); setting the safe value %g first",
-                    where, len(channels), bank.spec.safe_value)
-        self._write_channels(bank, channels, safe)
+                    where, len(unknown), bank.spec.safe_value)
+        self._write_channels(bank, unknown, safe)
         return self._levels[bank.name]
 
-    def _write_channels(self, bank: OutputBank, channels: Sequence[int], values: np.ndarray) -> None:
-        """Write some channels of a bank and update the known levels (unknown on failure)."""
+    def _write_channels(self, bank: OutputBank, positions: np.ndarray, values: np.ndarray) -> None:
+        """Write the channels at ``positions`` (flat indices into the bank) and update the known levels.
+
+        On failure those levels become unknown.
+        """
         instrument = self._instruments[bank.group.instrument]
-        index = {c: i for i, c in enumerate(bank.group.channels)}
         flat = self._levels[bank.name].reshape(-1)
-        positions = [index[c] for c in channels]
+        channels = self._channel_arrays[bank.name][positions].tolist()
         try:
             instrument.write_levels(channels, values)
         except BaseException:
+            # The instrument may or may not have applied the values, so they are unknown until
+            # the bank is read back, which the next refresh does.
             flat[positions] = np.nan
+            self._epochs.pop(bank.name, None)
             raise
         flat[positions] = values
+        self._commanded[bank.name].reshape(-1)[positions] = values
 
     def _ramp_banks(self, targets: Mapping[str, np.ndarray]) -> None:
         """Ramp several banks to their targets together, step by step."""
@@ -416,6 +474,7 @@ class InstrumentNode(Node):
             if not math.isfinite(spec.max_step):
                 paths[name] = [] if np.array_equal(start, target) else [np.asarray(target, dtype=np.float64)]
                 continue
+            self._check_start_inside(bank, start)
             paths[name] = ramp_path(start, target, spec.max_step, resolution=spec.resolution, origin=spec.lower_array)
         n_steps = max((len(path) for path in paths.values()), default=0)
         delay = max((self._bank(name).ramp_delay_s for name, path in paths.items() if len(path) > 1), default=0.0)
@@ -427,11 +486,27 @@ class InstrumentNode(Node):
                     continue
                 bank = self._bank(name)
                 value = path[step].reshape(-1)
-                changed = value != self._levels[name].reshape(-1)
-                if not np.any(changed):
-                    continue
-                channels = [c for c, flag in zip(bank.group.channels, changed) if flag]
-                self._write_channels(bank, channels, value[changed])
+                changed = np.flatnonzero(value != self._levels[name].reshape(-1))
+                if changed.size:
+                    self._write_channels(bank, changed, value[changed])
+
+    def _check_start_inside(self, bank: OutputBank, start: np.ndarray) -> None:
+        """Raise LimitError if a ramp would start outside the limits.
+
+        Every path from there into the limits in steps of at most ``max_step`` would send
+        commands outside the limits, so the bank is left alone until a person moves it.
+        """
+        spec = bank.spec
+        tol = spec.tolerance()
+        outside = (start < spec.lower_array - tol) | (start > spec.upper_array + tol)
+        if np.any(outside):
+            index = int(np.flatnonzero(outside.ravel())[0])
+            raise LimitError(
+                f"node {self.name!r} {bank.name!r}: channel {bank.group.channels[index]} of "
+                f"{bank.group.instrument!r} is at {float(start.ravel()[index]):g}, outside the limits "
+                f"{spec.range_text()}, so ramping it would send commands outside them; set it inside "
+                "the limits on the instrument, or widen the limits in the station file"
+            )
 
     def _bank(self, name: str) -> OutputBank:
         return self._inputs if name == self._inputs.name else self._banks[name]
@@ -467,7 +542,10 @@ class InstrumentNode(Node):
             spec = self._specs[name]
             where = self._where(name)
             if not np.all(np.isfinite(current[name])):
-                raise LimitError(f"{where}: the present level is unknown; set the parameters before updating them")
+                raise LimitError(
+                    f"{where}: the present level is unknown and cannot be read back, so an update could "
+                    "jump; set unknown_start = 'safe' in the station file to start from the safe value"
+                )
             step = spec.check_shape(value, where)
             limited = spec.check_step(step, where, clip=clip)
             target = spec.check_range(current[name] + limited, where, clip=clip)
@@ -488,6 +566,8 @@ class InstrumentNode(Node):
     # --------------------------------------------------------------------------- forward
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         applied = self.input_spec.quantize(x) if self.input_spec.resolution > 0 else x
+        if self._limits_off_float32 and self.mode == "buffered" and self._instruments[self._inputs.group.instrument].sends_float32:
+            applied = _float32_inside(applied, self.input_spec.lower_array, self.input_spec.upper_array)
         readings = self._measure_batch(applied)
         n_out = self.n_out
         outputs = readings[:, :n_out]
@@ -518,10 +598,9 @@ class InstrumentNode(Node):
         groups = [self._outputs, *self._probes.values()]
         rows = []
         for row in x:
-            changed = row != self._levels[self._inputs.name]
-            if np.any(changed):
-                channels = [c for c, flag in zip(self._inputs.group.channels, changed) if flag]
-                self._write_channels(self._inputs, channels, row[changed])
+            changed = np.flatnonzero(row != self._levels[self._inputs.name])
+            if changed.size:
+                self._write_channels(self._inputs, changed, row[changed])
             if self.settle_s > 0:
                 time.sleep(self.settle_s)
             readings = []
@@ -531,13 +610,29 @@ class InstrumentNode(Node):
             rows.append(np.concatenate(readings))
         return np.array(rows, dtype=np.float64)
 
+    def describe_invalid(self, state: NodeState) -> str | None:
+        """Return why ``state`` is invalid, naming the instrument and channels of the bad readings."""
+        reason = state.invalid_reason()
+        if reason is None:
+            return None
+        places = []
+        for label, group, values in (("outputs", self._outputs, state.outputs),
+                                     *((f"probe {name!r}", self._probes[name], state.probes[name]) for name in self._probes)):
+            bad = ~np.all(np.isfinite(np.asarray(values, dtype=np.float64)), axis=0)
+            if np.any(bad):
+                channels = [c for c, flag in zip(group.channels, bad) if flag]
+                places.append(f"{label} on instrument {group.instrument!r} channel(s) {format_channel_list(channels)}")
+        if not places:
+            return reason
+        return f"{reason}: overrange or invalid reading(s) from {'; '.join(places)}"
+
     # -------------------------------------------------------------------------- learning
     def local_gradient(
         self, state: NodeState, output_error: np.ndarray, *, at: ErrorSite = "output"
     ) -> dict[str, np.ndarray]:
         """Return the batch-mean gradient of each parameter (see the module docstring)."""
         error = self.check_error(state, output_error, at=at)
-        reason = state.invalid_reason()
+        reason = self.describe_invalid(state)
         if reason is not None:
             raise MeasurementError(f"{self._where()}: cannot compute a gradient from an invalid measurement ({reason})")
         if self.gradient_method == "outer-product":
@@ -567,7 +662,7 @@ class InstrumentNode(Node):
             return super().input_gradient(state, output_error)
         error = self.check_error(state, output_error)
         delta = self._preactivation_error(state, error, "output")
-        return delta @ self._levels["weight"]
+        return delta @ self._read_parameters()["weight"]
 
     def _perturbation_size(self, name: str) -> np.ndarray:
         spec = self._specs[name]
@@ -665,8 +760,8 @@ class InstrumentNode(Node):
         for callback in callbacks:
             try:
                 callback()
-            except Exception:  # noqa: BLE001 - closing must run every callback
-                log.exception("node %r: a close callback failed", self.name)
+            except Exception as exc:  # noqa: BLE001 - closing must run every callback
+                log.error("node %r: a close callback failed: %s", self.name, exc, exc_info=log.isEnabledFor(logging.DEBUG))
         super().close()
 
     def identity(self) -> dict[str, Any]:
@@ -683,6 +778,16 @@ class InstrumentNode(Node):
         return info
 
     def state_dict(self) -> dict[str, Any]:
+        """Return parameters, update residuals and the perturbation generator's state.
+
+        Levels left unknown by a failed write are read back first. If the instrument does not
+        reply, they are stored as NaN, and :meth:`load_state_dict` keeps the instrument's level
+        there.
+        """
+        try:
+            self._refresh_levels()
+        except PnnError as exc:
+            log.warning("node %r: reading levels back for the checkpoint failed: %s", self.name, exc)
         return {
             "parameters": self.get_parameters(),
             "residual": {name: value.copy() for name, value in self._residual.items()},
@@ -690,7 +795,20 @@ class InstrumentNode(Node):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
+        """Ramp the parameters to the saved values and restore residuals and generator state."""
+        saved = state.get("parameters", {})
+        if saved:
+            present = self._read_parameters()
+            values = {}
+            for name, value in self._known(saved).items():
+                value = np.asarray(value, dtype=np.float64)
+                unknown = ~np.isfinite(value)
+                if np.any(unknown) and value.shape == present[name].shape:
+                    log.warning("node %r: the checkpoint has no value for %d element(s) of %r; keeping their present level",
+                                self.name, int(np.count_nonzero(unknown)), name)
+                    value = np.where(unknown, present[name], value)
+                values[name] = value
+            self.set_parameters(values)
         for name, value in state.get("residual", {}).items():
             if name in self._residual:
                 self._residual[name] = np.asarray(value, dtype=np.float64).reshape(self._specs[name].shape).copy()

@@ -376,7 +376,8 @@ def ramp_path(
     Parameters
     ----------
     start, target
-        Arrays of the same shape, on the grid.
+        Arrays of the same shape; ``target`` on the grid. ``start`` may lie off the grid (a
+        level read back from the instrument), and the first step is measured from it.
     max_step
         Largest change per step (scalar or per element); must exceed ``resolution``.
     resolution, origin

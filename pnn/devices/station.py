@@ -48,7 +48,9 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 __all__ = [
     "Station",
+    "StationUnavailable",
     "load_station",
+    "open_station",
     "parse_station",
     "build_station_layers",
     "StationConfig",
@@ -311,15 +313,18 @@ def _parse_instrument(name: str, table: _Table) -> InstrumentConfig:
     if table.has("overrange"):
         options["overrange"] = table.number("overrange", positive=True)
     defaults = TransportSettings()
+    timeout_s = table.number("timeout_s", defaults.timeout_s, positive=True)
+    values = dict(
+        timeout_s=timeout_s,
+        deadline_s=table.number("deadline_s", max(defaults.deadline_s, timeout_s), positive=True),
+        min_rate=table.number("min_rate", defaults.min_rate, positive=True),
+        write_termination=table.get("write_termination", str, defaults.write_termination),
+        read_termination=table.get("read_termination", str, defaults.read_termination),
+        encoding=table.get("encoding", str, defaults.encoding),
+    )
     try:
-        settings = TransportSettings(
-            timeout_s=table.number("timeout_s", defaults.timeout_s, positive=True),
-            deadline_s=table.number("deadline_s", max(defaults.deadline_s, table.number("timeout_s", defaults.timeout_s) or 0), positive=True),
-            min_rate=table.number("min_rate", defaults.min_rate, positive=True),
-            write_termination=table.get("write_termination", str, defaults.write_termination),
-            read_termination=table.get("read_termination", str, defaults.read_termination),
-            encoding=table.get("encoding", str, defaults.encoding),
-        )
+        # The keys are checked one by one above; this checks how they fit together.
+        settings = TransportSettings(**values)
     except ConfigError as exc:
         raise ConfigError(f"{table.path}: [{table.where}] {exc}") from None
     usb = None
@@ -752,8 +757,23 @@ class Station:
         if not math.isfinite(output.max_step):
             instrument.write_levels(output.channels, target)
             return
+        lower = np.array([self._ranges[(output.instrument, c)][0] for c in output.channels])
+        upper = np.array([self._ranges[(output.instrument, c)][1] for c in output.channels])
+        resolution = float(max(self._ranges[(output.instrument, c)][2] for c in output.channels))
         if instrument.can_read_levels:
             start = instrument.read_levels(output.channels)
+            # A DAC may read back one step outside its range at the range's edge; a ramp planned
+            # from there could otherwise send that out-of-range level.
+            slack = max(resolution, 1e-9 * float(np.max(upper - lower)))
+            inside = (start >= lower - slack) & (start <= upper + slack)
+            if not np.all(inside):
+                bad = int(np.argmin(inside))
+                raise InstrumentError(
+                    f"[{output.where}]: channel {output.channels[bad]} of {output.instrument!r} reads back "
+                    f"{float(start[bad]):g}, outside its range [{lower[bad]:g}, {upper[bad]:g}]; check the instrument",
+                    instrument=output.instrument,
+                )
+            start = np.clip(start, lower, upper)
         elif output.unknown_start == "safe":
             instrument.write_levels(output.channels, target)
             return
@@ -762,9 +782,7 @@ class Station:
                 f"[{output.where}]: the present level cannot be read back, so ramping to the safe value "
                 "could jump; set unknown_start = 'safe' to set it directly"
             )
-        resolution = float(max(self._ranges[(output.instrument, c)][2] for c in output.channels))
-        for index, step in enumerate(ramp_path(start, target, output.max_step, resolution=resolution,
-                                               origin=np.array([self._ranges[(output.instrument, c)][0] for c in output.channels]))):
+        for index, step in enumerate(ramp_path(start, target, output.max_step, resolution=resolution, origin=lower)):
             if index and output.ramp_delay_s:
                 threading.Event().wait(output.ramp_delay_s)
             instrument.write_levels(output.channels, step)
@@ -781,8 +799,9 @@ class Station:
         for instrument in self.instruments.values():
             try:
                 instrument.close()
-            except Exception:  # noqa: BLE001 - close the rest even if one fails
-                log.exception("station %r: closing instrument %r failed", self.name, instrument.name)
+            except Exception as exc:  # noqa: BLE001 - close the rest even if one fails
+                log.error("station %r: closing instrument %r failed: %s", self.name, instrument.name, exc,
+                          exc_info=log.isEnabledFor(logging.DEBUG))
         if self._recorder is not None:
             self._recorder.close()
 
@@ -805,8 +824,9 @@ class Station:
             if event in self.config.apply_on and not self._closed:
                 try:
                     self.apply_safe_state()
-                except Exception:  # noqa: BLE001 - do not hide the original exception
-                    log.exception("station %r: applying the safe state on %s failed", self.name, event)
+                except Exception as failure:  # noqa: BLE001 - do not hide the original exception
+                    log.error("station %r: applying the safe state on %s failed: %s", self.name, event, failure,
+                              exc_info=log.isEnabledFor(logging.DEBUG))
                     if exc_type is None:
                         raise
         finally:
@@ -840,8 +860,9 @@ class _ExitHook:
         if "exit" in station.config.apply_on:
             try:
                 station.apply_safe_state()
-            except Exception:  # noqa: BLE001 - nothing can be raised at interpreter exit
-                log.exception("station %r: applying the safe state at exit failed", station.name)
+            except Exception as exc:  # noqa: BLE001 - nothing can be raised at interpreter exit
+                log.error("station %r: applying the safe state at exit failed: %s", station.name, exc,
+                          exc_info=log.isEnabledFor(logging.DEBUG))
         station.close()
 
     def detach(self) -> None:
@@ -878,6 +899,23 @@ class _deferred_interrupts:
 
 
 # ------------------------------------------------------------------------------ loading
+class StationUnavailable(ConfigError):
+    """An instrument of a station file could not be reached, identified or read before any write.
+
+    Raised by :func:`open_station` for the command line, where it is a setup problem the user
+    fixes (power, cable, address, identity or terminator), so it exits with code 2 like other
+    bad input. :func:`load_station` raises the underlying instrument error instead.
+    """
+
+
+def open_station(path: str | Path) -> Station:
+    """Load a station like :func:`load_station`, reporting instrument failures as StationUnavailable."""
+    try:
+        return load_station(path)
+    except InstrumentError as exc:
+        raise StationUnavailable(str(exc)) from exc
+
+
 def load_station(path: str | Path, *, connect: bool = True) -> Station:
     """Read a station file, connect to its instruments and check them; change no output.
 
@@ -924,6 +962,8 @@ def load_station(path: str | Path, *, connect: bool = True) -> Station:
             except PnnError as exc:
                 raise type(exc)(f"{config.path}: [{item.where}] {exc}") from None
         _read_ranges(config, instruments, ranges)
+        for output in config.safe_outputs:
+            _check_safe_output(output, ranges, config.path)
         # Check every limit now, so a wider limit fails before any node is built.
         for node in config.nodes:
             for bank in [node.inputs, *node.parameters.values()]:
@@ -964,6 +1004,23 @@ def _read_ranges(config: StationConfig, instruments: Mapping[str, Instrument],
             ranges[(name, channel)] = (lower, upper, float(table.resolution[i]), table.unit)
 
 
+def _check_safe_output(output: SafeOutputConfig, ranges: Mapping[tuple[str, int], tuple[float, float, float, str]],
+                       path: Path) -> None:
+    """Raise ConfigError if a safe-state output's value or ramp step does not fit its channels."""
+    for channel in output.channels:
+        lower, upper, resolution, unit = ranges[(output.instrument, channel)]
+        if not lower <= output.value <= upper:
+            raise ConfigError(
+                f"{path}: [{output.where}] value = {output.value:g} lies outside channel {channel} of "
+                f"{output.instrument!r} ([{lower:g}, {upper:g}] {unit}); choose a value inside that range"
+            )
+        if math.isfinite(output.max_step) and output.max_step <= resolution:
+            raise ConfigError(
+                f"{path}: [{output.where}] max_step = {output.max_step:g} is not larger than the step "
+                f"{resolution:g} {unit} of channel {channel}; raise max_step"
+            )
+
+
 def build_station_layers(path: str | Path, n_features: int, n_classes: int) -> list[InstrumentNode]:
     """Load a station file and return its nodes as the physical layers of a network.
 
@@ -975,11 +1032,16 @@ def build_station_layers(path: str | Path, n_features: int, n_classes: int) -> l
     Raises
     ------
     ConfigError
-        If the file has no nodes or the widths do not fit the dataset (nothing was written).
+        If the file has no nodes or the widths do not fit the dataset, and
+        :class:`StationUnavailable` (a ConfigError) if an instrument cannot be reached,
+        identified or read; nothing was written in either case.
     """
-    station = load_station(path)
+    station = open_station(path)
     try:
-        nodes = station.build_nodes()
+        try:
+            nodes = station.build_nodes()
+        except InstrumentError as exc:
+            raise StationUnavailable(f"{station.path}: {exc}") from exc
         if not nodes:
             raise ConfigError(f"{station.path}: the station file has no [[nodes]] to train; add at least one")
         if nodes[0].n_in != n_features:

@@ -20,13 +20,16 @@ gives the same guarantees, whatever the link underneath:
 Reads are done in chunks whose size starts at one byte and grows eightfold while bytes arrive
 quickly, but is capped so that one chunk at the observed byte rate fits in the time left before
 the deadline. A fast instrument therefore needs only a few calls per reply, and a trickling one
-overruns the deadline by at most about one chunk of a few bytes.
+overruns the deadline by at most about one chunk of a few bytes. Bytes that have already
+arrived (where the link can tell how many) are taken in one call whatever the chunk size,
+because reading them cannot wait.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import struct
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -51,6 +54,14 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+try:  # Counting the bytes waiting on a socket needs the POSIX ioctl.
+    import fcntl
+    import termios
+
+    _FIONREAD: int | None = termios.FIONREAD
+except ImportError:  # pragma: no cover - Windows
+    _FIONREAD = None
 
 #: Interface prefixes of VISA resource strings; any other resource is a pyserial URL or path.
 VISA_PREFIXES = ("TCPIP", "ASRL", "USB", "GPIB", "VXI", "PXI", "VICP")
@@ -123,6 +134,10 @@ class TransportStats:
 
     exchanges: int = 0
     """Exchanges started with :meth:`Transport.exchange` (or :meth:`Transport.query`)."""
+    writes: int = 0
+    """Calls that wrote to the link."""
+    reads: int = 0
+    """Calls that read from the link (each may return part of a reply)."""
     bytes_written: int = 0
     bytes_read: int = 0
     timeouts: int = 0
@@ -219,6 +234,10 @@ class Transport(ABC):
     def _set_read_timeout(self, seconds: float) -> None:
         """Change the silence timeout of :meth:`_read_chunk` (used briefly while draining)."""
 
+    def _available(self) -> int:
+        """Return how many bytes have arrived and can be read without waiting; 0 when unknown."""
+        return 0
+
     # -------------------------------------------------------------------------- lifecycle
     @property
     def is_open(self) -> bool:
@@ -286,15 +305,21 @@ class Transport(ABC):
         """Hold the lock around one exchange, resynchronising first when needed.
 
         Any exception inside the block (a timeout, a parse error, Ctrl-C) marks the link as
-        out of step, because a reply may still be on its way.
+        out of step, because a reply may still be on its way. Instrument errors leave with
+        this link's name as their ``instrument``.
         """
         with self.lock:
-            self._check_open()
-            if self._needs_resync:
-                self.resync()
-            self.stats.exchanges += 1
             try:
+                self._check_open()
+                if self._needs_resync:
+                    self.resync()
+                self.stats.exchanges += 1
                 yield self
+            except InstrumentError as exc:
+                self._needs_resync = True
+                if exc.instrument is None:
+                    exc.instrument = self.name
+                raise
             except BaseException:
                 self._needs_resync = True
                 raise
@@ -321,16 +346,21 @@ class Transport(ABC):
                 self._write_raw(data)
             finally:
                 self.stats.io_s += time.perf_counter() - start
+            self.stats.writes += 1
             self.stats.bytes_written += len(data)
 
     # ------------------------------------------------------------------------------ reads
-    def _timed_chunk(self, count: int, stop_at_terminator: bool) -> tuple[bytes, float]:
+    def _timed_chunk(self, count: int, stop_at_terminator: bool, limit: int = 0) -> tuple[bytes, float]:
+        """Read one chunk of ``count`` bytes, or of up to ``limit`` bytes that have already arrived."""
         start = time.perf_counter()
         try:
+            if limit > count:
+                count = max(count, min(self._available(), limit))
             chunk = self._read_chunk(count, stop_at_terminator=stop_at_terminator)
         finally:
             elapsed = time.perf_counter() - start
             self.stats.io_s += elapsed
+            self.stats.reads += 1
         return chunk, elapsed
 
     @staticmethod
@@ -372,7 +402,7 @@ class Transport(ABC):
                 remaining = start + deadline_s - time.monotonic()
                 if remaining <= 0:
                     raise self._line_failure(time.monotonic() - start, deadline=True)
-                chunk, elapsed = self._timed_chunk(count, True)
+                chunk, elapsed = self._timed_chunk(count, True, _MAX_CHUNK)
                 if not chunk:
                     raise self._line_failure(time.monotonic() - start, deadline=False)
                 self._rx += chunk
@@ -396,7 +426,7 @@ class Transport(ABC):
                 missing = n_bytes - len(self._rx)
                 if remaining <= 0:
                     raise self._exact_failure(n_bytes, time.monotonic() - start, deadline=True)
-                chunk, elapsed = self._timed_chunk(min(count, missing), False)
+                chunk, elapsed = self._timed_chunk(min(count, missing), False, missing)
                 if not chunk:
                     raise self._exact_failure(n_bytes, time.monotonic() - start, deadline=False)
                 self._rx += chunk
@@ -516,17 +546,54 @@ class Transport(ABC):
                         raise InstrumentTimeout(f"{self.name}: the resynchronisation reply did not come")
                     line = self.read_line(deadline_s=remaining)
                     if line.startswith(self._sync_reply):
+                        if attempt > 1:
+                            self._discard_extra_sync_replies(attempt - 1)
                         return
-                    self.stats.discarded_bytes += len(line)
-                    self._record("discard", line)
-                    log.warning("%s: discarded a late or garbled reply %s while resynchronising", self.name, _show(line))
+                    self._discard_line(line)
             except InstrumentTimeout:
                 if attempt == attempts:
                     raise InstrumentTimeout(
-                        f"{self.name}: no reply to the resynchronisation query {self._sync_query.strip()!r} "
+                        f"{self.name}: no reply to the resynchronisation query "
+                        f"{self._sync_query.strip().decode(self.settings.encoding, errors='replace')!r} "
                         f"after {attempts} attempts; the instrument is not answering"
                     ) from None
                 log.warning("%s: resynchronisation attempt %d got no reply; trying again", self.name, attempt)
+
+    def _discard_line(self, line: bytes) -> None:
+        self.stats.discarded_bytes += len(line)
+        self._record("discard", line)
+        log.warning("%s: discarded a late or garbled reply %s while resynchronising", self.name, _show(line))
+
+    def _discard_extra_sync_replies(self, extra: int) -> None:
+        """Consume replies to sync queries sent by earlier attempts, once a sync reply has come.
+
+        Replies come in order, so the sync reply just read may answer an earlier attempt whose
+        reply was only late, and the reply to the last attempt is then still on its way; taken
+        for the reply to the next query, it would put the link out of step again. Each missing
+        reply is awaited for up to ``timeout_s`` of silence, because a lost or garbled one never
+        comes.
+
+        NOTE: a sync reply later than that still reaches the next exchange. Drivers parse every
+        reply strictly, and an identity string is no reading, level, block or error code, so
+        that exchange fails and the link resynchronises again.
+        """
+        term = self.settings.read_term_bytes
+        stop = time.monotonic() + self.settings.deadline_s
+        while extra > 0 and time.monotonic() < stop:
+            index = self._rx.find(term)
+            if index >= 0:
+                line = bytes(self._rx[:index])
+                del self._rx[: index + len(term)]
+                self._record("read", line + term)
+                if line.startswith(self._sync_reply):
+                    extra -= 1
+                    continue
+                self._discard_line(line)
+                continue
+            chunk, _ = self._timed_chunk(1, True, _MAX_CHUNK)
+            if not chunk:
+                return
+            self._rx += chunk
 
     # ----------------------------------------------------------------------------- helpers
     def _check_open(self) -> None:
@@ -582,6 +649,7 @@ class VisaTransport(Transport):
         self.visa_library = visa_library
         self._resource_manager: Any = None
         self._instrument: Any = None
+        self._socket_session: Any = None
 
     def _open(self) -> None:
         import pyvisa
@@ -617,6 +685,33 @@ class VisaTransport(Transport):
             pass
         self._termchar_enabled = True
         self._disable_nagle(instrument)
+        self._socket_session = self._find_socket_session(instrument)
+
+    @staticmethod
+    def _find_socket_session(instrument: Any) -> Any:
+        """Return pyvisa-py's session object of a raw TCP socket resource, or None.
+
+        NOTE: this reads pyvisa-py 0.8.1 internals (``visalib.sessions``, a session's
+        ``interface`` socket and ``_pending_buffer``); other backends and session types return
+        None, and their reads then only grow chunk by chunk.
+        """
+        import socket
+
+        session = getattr(instrument.visalib, "sessions", {}).get(instrument.session)
+        interface = getattr(session, "interface", None)
+        if isinstance(interface, socket.socket) and isinstance(getattr(session, "_pending_buffer", None), bytearray):
+            return session
+        return None
+
+    def _available(self) -> int:
+        session = self._socket_session
+        if session is None or _FIONREAD is None:
+            return 0
+        try:
+            waiting = struct.unpack("i", fcntl.ioctl(session.interface.fileno(), _FIONREAD, b"\0\0\0\0"))[0]
+        except (OSError, ValueError, AttributeError):
+            return 0
+        return len(session._pending_buffer) + waiting
 
     def _disable_nagle(self, instrument: Any) -> None:
         """Send small commands at once instead of waiting for the peer's acknowledgement.
@@ -646,6 +741,7 @@ class VisaTransport(Transport):
             log.debug("%s: cannot switch Nagle's algorithm off for %s", self.name, self.resource)
 
     def _close(self) -> None:
+        self._socket_session = None
         instrument, self._instrument = self._instrument, None
         if instrument is not None:
             try:
@@ -786,7 +882,10 @@ class SerialTransport(Transport):
                 stopbits=options.stop_bits,
                 rtscts=options.rtscts,
                 timeout=self.settings.timeout_s,
-                write_timeout=self.settings.timeout_s,
+                # pyserial 3.5 reports a write timeout whenever one write call took longer than
+                # this, even after every byte went out (a busy machine can pause a process that
+                # long), so the longer line deadline is used.
+                write_timeout=self.settings.deadline_s,
             )
         except (serial.SerialException, OSError, ValueError) as exc:
             raise ConnectionLost(
@@ -827,6 +926,14 @@ class SerialTransport(Transport):
     def _set_read_timeout(self, seconds: float) -> None:
         if self._port is not None:
             self._port.timeout = seconds
+
+    def _available(self) -> int:
+        import serial
+
+        try:
+            return int(self._port.in_waiting) if self._port is not None else 0
+        except (serial.SerialException, OSError):
+            return 0
 
 
 def open_transport(

@@ -9,6 +9,7 @@ command they receive, and inject latency, noise and faults (:mod:`pnn.emulators.
 ``pnn emulate scpi`` and ``pnn emulate serial`` commands run them from the shell.
 """
 
+from .audit import ChannelRule, CommandAudit
 from .base import CommandRecord, Emulator
 from .faults import FAULT_KINDS, FaultConfig, FaultInjector
 from .hardware import EmulatedHardware, LayerSpec, parse_layers
@@ -19,6 +20,8 @@ from .setup import EmulatedSetup, emulated_node, emulated_setup, start_emulator
 __all__ = [
     "Emulator",
     "CommandRecord",
+    "CommandAudit",
+    "ChannelRule",
     "ScpiEmulator",
     "SerialBoardEmulator",
     "EmulatedHardware",

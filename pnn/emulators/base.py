@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from ..errors import ConfigError
 from .faults import FaultConfig, FaultInjector
 from .hardware import EmulatedHardware
 
@@ -156,7 +157,14 @@ class Emulator(ABC):
         self.identity = identity
         self.record: list[CommandRecord] = []
         self._record_lock = threading.Lock()
-        self._record_file: IO[str] | None = open(record_path, "a", encoding="utf-8") if record_path else None
+        self._record_file: IO[str] | None = None
+        if record_path:
+            try:
+                self._record_file = open(record_path, "a", encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot open the command record {record_path} ({exc.strerror}); choose a writable path"
+                ) from None
         self._start = time.monotonic()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -264,6 +272,8 @@ class Emulator(ABC):
     # ------------------------------------------------------------------------ threads
     def _spawn(self, target: Callable[..., None], *args: Any, name: str) -> threading.Thread:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        # Forget finished connection threads, so a host that reconnects often does not grow the list.
+        self._threads = [t for t in self._threads if t.is_alive()]
         self._threads.append(thread)
         thread.start()
         return thread
@@ -424,5 +434,8 @@ class Emulator(ABC):
     def write_station(self, path: str | Path, **options: Any) -> Path:
         """Write :meth:`station_toml` to ``path`` and return the path."""
         path = Path(path)
-        path.write_text(self.station_toml(**options), encoding="utf-8")
+        try:
+            path.write_text(self.station_toml(**options), encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot write the station file {path} ({exc.strerror}); choose a writable path") from None
         return path

@@ -30,6 +30,11 @@ from ..simulators.crossbar import CrossbarNode, crossbar_preset
 __all__ = ["LayerSpec", "EmulatedHardware", "ChannelError", "parse_layers"]
 
 
+#: Most weights (source channels) one emulated layer may have; larger ones would not fit in
+#: memory and no instrument has that many channels.
+MAX_WEIGHTS = 1_000_000
+
+
 class ChannelError(ValueError):
     """A request the hardware rejects: unknown channel or level out of range."""
 
@@ -52,7 +57,15 @@ class LayerSpec:
         match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*(?::\s*(\w+))?\s*", text)
         if match is None:
             raise ConfigError(f"layer {text!r}: write N_INxN_OUT[:ACTIVATION], for example 12x8:tanh")
-        return cls(int(match.group(1)), int(match.group(2)), match.group(3) or "tanh")
+        n_in, n_out = int(match.group(1)), int(match.group(2))
+        if n_in < 1 or n_out < 1:
+            raise ConfigError(f"layer {text!r}: both sizes must be at least 1, for example 12x8:tanh")
+        if n_in * n_out > MAX_WEIGHTS:
+            raise ConfigError(
+                f"layer {text!r} has {n_in * n_out} weights, each an emulated channel; "
+                f"use at most {MAX_WEIGHTS} per layer"
+            )
+        return cls(n_in, n_out, match.group(3) or "tanh")
 
 
 def parse_layers(text: str) -> list[LayerSpec]:
@@ -87,16 +100,23 @@ class EmulatedHardware:
         Seed of the crossbars' read noise (layer i uses ``seed + i``).
     meter_range
         Largest magnitude a meter channel reads; beyond it the reading is 9.9E37 (overrange).
+    readback_overshoot
+        Read a level that sits at a channel's range limit back as one step beyond it (one
+        resolution step, or 1e-6 of the range on a continuous channel), as a DAC whose
+        read-back is rounded does. The level itself stays inside the range.
     """
 
     def __init__(self, layers: Sequence[LayerSpec], *, preset: str = "default", seed: int = 0,
-                 meter_range: float = 10.0) -> None:
+                 meter_range: float = 10.0, readback_overshoot: bool = False) -> None:
         if not layers:
             raise ConfigError("the emulated hardware needs at least one layer")
         self.layer_specs = list(layers)
         self.preset = preset
         self.seed = int(seed)
         self.meter_range = float(meter_range)
+        self.readback_overshoot = bool(readback_overshoot)
+        #: Read-back values reported beyond a range limit so far (see ``readback_overshoot``).
+        self.overshoot_reads = 0
         config = crossbar_preset(preset)
         # Compile (or load) the crossbar kernels now, on a throwaway layer, so the first batch
         # a host sends is not slowed down by compilation past the host's timeout.
@@ -179,9 +199,17 @@ class EmulatedHardware:
                 self.levels[index] = value
 
     def get_levels(self, channels: Sequence[int]) -> np.ndarray:
-        """Return present levels."""
+        """Return present levels as read back (see ``readback_overshoot``)."""
         with self.lock:
-            return self.levels[self.check_source(channels)].copy()
+            index = self.check_source(channels)
+            levels = self.levels[index].copy()
+        if self.readback_overshoot:
+            lower, upper = self.lower[index], self.upper[index]
+            step = np.where(self.resolution[index] > 0, self.resolution[index], 1e-6 * (upper - lower))
+            high, low = levels >= upper, levels <= lower
+            self.overshoot_reads += int(np.count_nonzero(high | low))
+            levels = np.where(high, upper + step, np.where(low, lower - step, levels))
+        return levels
 
     def reset(self) -> None:
         """Set every level to 0 (what ``*RST`` does)."""

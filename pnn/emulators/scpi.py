@@ -211,7 +211,7 @@ class _ScpiDevice:
         elif which:
             raise _ScpiError(-224, f"{which!r} is not MIN or MAX")
         else:
-            value = self.hardware.levels[index]
+            value = self.hardware.get_levels([channel])[0]
         return repr(float(value)).encode()
 
     def _get_resolution(self, groups: tuple[bytes, ...], args: bytes) -> bytes:

@@ -123,6 +123,8 @@ class SerialBoardEmulator(Emulator):
         super().__init__(hardware, faults=faults, identity=f"PNN,EMULATED-BOARD,{serial_number},1.0",
                          record_path=record_path)
         self.link_path = Path(link) if link is not None else None
+        if int(max_rows) < 1:
+            raise ConfigError(f"max_rows must be at least 1, got {max_rows}")
         self.max_rows = int(max_rows)
         self.sequences: list[tuple[float, tuple[int, ...], np.ndarray]] = []
         self._inputs: list[int] = []
@@ -161,10 +163,17 @@ class SerialBoardEmulator(Emulator):
         self._link = _PtyLink(self, master, self._incarnation)
         if self.link_path is not None:
             temporary = self.link_path.with_name(self.link_path.name + ".new")
-            if temporary.is_symlink() or temporary.exists():
-                temporary.unlink()
-            os.symlink(self._device_path, temporary)
-            os.replace(temporary, self.link_path)
+            try:
+                if temporary.is_symlink() or temporary.exists():
+                    temporary.unlink()
+                os.symlink(self._device_path, temporary)
+                os.replace(temporary, self.link_path)
+            except OSError as exc:
+                self._close_port()
+                raise ConfigError(
+                    f"cannot create the link {self.link_path} to the serial device ({exc.strerror}); "
+                    "choose a path in a folder you can write"
+                ) from None
         log.info("serial emulator: board on %s", self.resource)
 
     def _close_port(self) -> None:

@@ -134,10 +134,11 @@ def _connect(distributed, workers: int | None, scheduler: str | None) -> Iterato
     if scheduler:
         try:
             client = distributed.Client(scheduler, timeout="30s")
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, ValueError) as exc:
+            # Dask raises ValueError for an address it cannot parse (no port, say).
             raise ConfigError(
-                f"cannot connect to the Dask scheduler at {scheduler} ({exc}); check the address and "
-                "that the scheduler is running"
+                f"cannot connect to the Dask scheduler at {scheduler} ({exc}); check the address, for "
+                "example tcp://10.0.0.5:8786, and that the scheduler is running"
             ) from None
         log.info("connected to the Dask scheduler at %s", scheduler)
         try:
