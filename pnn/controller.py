@@ -285,7 +285,7 @@ class PhysicalNoProp:
                 consecutive_invalid = 0
                 for b in range(first, len(batches)):
                     idx = batches[b]
-                    accepted = self._step(epoch, b, x_train[idx], y_train[idx], lr)
+                    accepted = self._step(epoch, b, x_train[idx], y_train[idx], lr, idx)
                     consecutive_invalid = 0 if accepted else consecutive_invalid + 1
                     self._position = (epoch, b + 1)
                     bar.update(1)
@@ -318,9 +318,12 @@ class PhysicalNoProp:
                 for callback in self.callbacks:
                     callback(self, record)
 
-    def _step(self, epoch: int, batch: int, x: np.ndarray, y: np.ndarray, lr: float) -> bool:
-        """Run one batch; return False if it was rejected."""
+    def _step(
+        self, epoch: int, batch: int, x: np.ndarray, y: np.ndarray, lr: float, indices: np.ndarray | None = None
+    ) -> bool:
+        """Run one batch (``indices``: its positions in the training set); return False if it was rejected."""
         try:
+            self.context_.batch_indices = indices
             result = self.rule.compute(self.network, x, y, self.context_)
             for i, grads in result.gradients.items():
                 for name, grad in grads.items():

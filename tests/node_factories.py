@@ -13,6 +13,7 @@ import numpy as np
 from pnn.network import DigitalLinear
 from pnn.nodes import Node
 from pnn.simulators.crossbar import CROSSBAR_PRESETS, CrossbarNode
+from pnn.simulators.hopfield import HopfieldNode
 from pnn.simulators.resistive import RESISTIVE_PRESETS, ResistiveNode
 
 NODE_FACTORIES: dict[str, Callable[[], Node]] = {
@@ -23,5 +24,6 @@ NODE_FACTORIES: dict[str, Callable[[], Node]] = {
     ),
     "resistive-default": lambda: ResistiveNode(6, 4, hidden=(5,), rng=0, name="resistive"),
     "resistive-ideal": lambda: ResistiveNode(6, 4, rng=0, name="resistive", config=RESISTIVE_PRESETS["ideal"]),
+    "hopfield": lambda: HopfieldNode(6, 4, hidden=(5,), rng=0, name="hopfield"),
     "digital-linear": lambda: DigitalLinear(6, 4, rng=0, name="fc", dtype=np.float64),
 }
