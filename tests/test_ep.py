@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from pnn.config import TrainConfig
+from pnn.controller import PhysicalNoProp
 from pnn.errors import ConfigError
 from pnn.experiment import train
-from pnn.learning import CoupledLearning, EquilibriumPropagation, RuleContext, get_loss, make_rule
-from pnn.network import Encoder, PhysicalNetwork, Readout
+from pnn.learning import CoupledLearning, RuleContext, get_loss, make_rule
+from pnn.network import PhysicalNetwork, Readout
 from pnn.runs import load_tree
 from pnn.simulators.crossbar import CrossbarNode
 from pnn.simulators.hopfield import HopfieldNode
@@ -170,7 +171,7 @@ def test_coupled_clamps_outputs_to_target():
     np.testing.assert_allclose(clamped.outputs, free.outputs - 0.05 * error, rtol=0, atol=1e-6)
 
 
-def test_coupled_update_is_a_descent_direction():
+def test_coupled_update_follows_gradient():
     network = diode_network()
     x = np.random.default_rng(1).uniform(-1, 1, (6, 4))
     labels = np.array([0, 1, 2, 0, 1, 2])
@@ -181,9 +182,10 @@ def test_coupled_update_is_a_descent_direction():
     estimate = rule.compute(network, x, labels, ctx).gradients[0]
     dot = sum(np.sum(estimate[k] * reference[k]) for k in reference)
     norms = np.sqrt(sum(np.sum(estimate[k] ** 2) for k in reference) * sum(np.sum(reference[k] ** 2) for k in reference))
-    # Clamping a voltage equals injecting K^-1 times it, K the outputs' response to currents,
-    # so the update is the gradient preconditioned by a positive definite matrix.
-    assert dot / norms > 0.5
+    # Clamping the outputs by -eta e equals injecting -eta K^-1 e, K the outputs' response to
+    # currents, so the update is the gradient for the output error K^-1 e instead of e. Here the
+    # cosine with the gradient is 0.999; the bound leaves room for a less uniform K.
+    assert dot / norms > 0.9
 
 
 # ------------------------------------------------------------------------- persistent states
@@ -201,10 +203,11 @@ def test_persistent_states_start_from_last_free_state():
     np.testing.assert_allclose(first, node.settle(x, iterations=3).probes["state"], rtol=1e-6)
     assert not rule.seen_[:10].any()
 
+    # No update was applied, so the second free phase continues the first: 3 + 3 iterations.
     rule.compute(network, x, labels, ctx)
-    expected = reference = node.settle(x, iterations=6).probes["state"]
-    np.testing.assert_allclose(rule.states_[10:16], expected, rtol=1e-5, atol=1e-6)
-    assert not np.allclose(reference, first)
+    continued = node.settle(x, iterations=6).probes["state"]
+    np.testing.assert_allclose(rule.states_[10:16], continued, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(continued, first)
 
     ctx.batch_indices = None
     with pytest.raises(ConfigError, match="example indices"):
@@ -218,10 +221,8 @@ def test_hopfield_learns_toy_task():
     labels = np.argmax(x[:, :3] - x[:, 3:], axis=1)
     node = HopfieldNode(6, 3, hidden=(20,), rng=1)
     network = PhysicalNetwork([node, Readout(3)])
-    from pnn.controller import PhysicalNoProp
-
-    rule = make_rule("ep", variant="random-sign", persistent=True)
-    controller = PhysicalNoProp(network, rule, loss="mse", optimizer="sgd", momentum=0.0, lr=0.2,
+    rule = make_rule("ep")
+    controller = PhysicalNoProp(network, rule, loss="mse", optimizer="sgd", momentum=0.0, lr=0.5,
                                 lr_schedule="constant", epochs=30, batch_size=10, progress=False)
     before = controller.evaluate(x, labels)["accuracy"]
     controller.fit(x, labels)

@@ -42,7 +42,7 @@ from ..network import PhysicalNetwork, Readout
 from ..nodes import Node, NodeState
 from .base import LearningRule, RuleContext, StepResult, make_rule, register_rule
 
-__all__ = ["EquilibriumPropagation", "CoupledLearning", "VARIANTS"]
+__all__ = ["ContrastiveRule", "EquilibriumPropagation", "CoupledLearning", "VARIANTS", "RESISTIVE_READOUT_GAIN"]
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,10 @@ class ContrastiveRule(LearningRule):
         bias. On the resistive vowel network (12-16-7, 60 epochs) one-sided EP fell back to
         chance after a few epochs, while centred and random-sign EP trained.
     persistent
-        Start each example's free phase from its last free state (the author's code does this
-        on the Hopfield network). The states are kept by example index and saved in checkpoints.
+        Start each example's free phase from its last free state, so that the state carries
+        over from epoch to epoch. The states are kept by example index and saved in
+        checkpoints. On a Hopfield network with several minima the free state then depends on
+        the history, while ``forward`` (evaluation) starts from zero states.
     free_iterations, nudged_iterations, step
         Settling settings of nodes that settle by a fixed number of iterations (the Hopfield
         network); None keeps the node's own. Nodes that settle to convergence reject them.
@@ -229,11 +231,12 @@ class ContrastiveRule(LearningRule):
         state = np.asarray(free.probes[node.settle_state_probe])
         needed = int(indices.max()) + 1
         if self.states_ is None or needed > self.states_.shape[0]:
-            # Grow by doubling: the controller visits a training set of fixed size, so this
-            # happens only during the first epoch. float32 halves the memory of large sets.
-            size = max(needed, 2 * (0 if self.states_ is None else self.states_.shape[0]))
-            states = np.zeros((size, state.shape[1]), dtype=np.float32)
-            seen = np.zeros(size, dtype=bool)
+            # Grow to the largest index seen, not by doubling, which could leave half the
+            # memory unused. The controller visits the training set in random order, so the
+            # store reaches its final size after a few batches of the first epoch. float32
+            # halves the memory of large sets.
+            states = np.zeros((needed, state.shape[1]), dtype=np.float32)
+            seen = np.zeros(needed, dtype=bool)
             if self.states_ is not None:
                 states[: self.states_.shape[0]] = self.states_
                 seen[: self.seen_.shape[0]] = self.seen_
@@ -368,6 +371,12 @@ class ContrastiveRule(LearningRule):
             node = ResistiveNode(
                 n_in, n_out, hidden=config.hidden, diodes="hidden", config=device_config,
                 preset=config.preset or device.default_preset, rng=rng, name="resistive",
+            )
+        if config.device == "digital" and config.loss != "mse":
+            log.warning(
+                "rule %r on a Hopfield network with loss %r: its outputs lie in [0, 1], which --loss mse "
+                "compares with one-hot targets directly (on the vowels, 12-32-7, mse reached 91.8 %% "
+                "test accuracy and cross-entropy 57.1 %%)", config.rule, config.loss,
             )
         encoder = _encoder_for(node, config, dataset.x_train)
         # The Hopfield outputs lie in [0, 1] and are compared with one-hot targets as they are.

@@ -42,7 +42,7 @@ def settle_kernel(input_drive, state, force, weights, biases, sizes, unit_offset
     weights, biases : float64 arrays
         Flat weights and biases (see the module docstring).
     step : float
-        Step size of the gradient descent (the author's code uses 0.5).
+        Step size of the gradient descent, in (0, 1].
     iterations : int
         Number of steps.
     """
