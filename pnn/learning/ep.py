@@ -426,6 +426,10 @@ class EquilibriumPropagation(ContrastiveRule):
     def perturbed_state(
         self, node: Node, inputs: np.ndarray, free: NodeState, error: np.ndarray, strength: float
     ) -> NodeState:
+        # NOTE: the force stays at its value for the free state's error, which linearises the
+        # cost there. Scellier and Bengio 2017 pull with beta * (target - s_out) at the current
+        # state instead. Both give the same gradient as beta goes to zero, but their O(beta)
+        # biases differ, so one-sided results are not bit-for-bit comparable with that work.
         return node.settle(inputs, -strength * error, initial=free, **self._settle_options(nudged=True))
 
     def describe(self) -> dict[str, Any]:
