@@ -8,6 +8,7 @@ RULE_NAMES = (
     "dfa",
     "wp", "np", "spsa", "mgd",
     "local-direct", "local-recon", "local-contrast", "local-predict", "local-pseudo",
+    "ep", "coupled",
 )
 DEVICE_NAMES = ("crossbar", "resistive", "mzi", "diffractive", "digital")
 DATASET_NAMES = ("vowels", "mnist")

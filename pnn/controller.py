@@ -354,7 +354,7 @@ class PhysicalNoProp:
                     self._epoch_sums = _new_epoch_sums()
                 while b < len(batches):
                     idx = batches[b]
-                    outcome = self._step(epoch, b, x_train[idx], y_train[idx], lr)
+                    outcome = self._step(epoch, b, x_train[idx], y_train[idx], lr, idx)
                     if outcome != _RETRY:
                         b += 1
                         self._position = (epoch, b)
@@ -449,9 +449,16 @@ class PhysicalNoProp:
                 record["instrument"] = instrument
             self.run.log(record)
 
-    def _step(self, epoch: int, batch: int, x: np.ndarray, y: np.ndarray, lr: float) -> str:
-        """Run one batch and return its outcome (see the outcome names at the top of the module)."""
+    def _step(
+        self, epoch: int, batch: int, x: np.ndarray, y: np.ndarray, lr: float, indices: np.ndarray | None = None
+    ) -> str:
+        """Run one batch and return its outcome (see the outcome names at the top of the module).
+
+        ``indices`` are the batch's positions in the training set, for rules that keep state per
+        example.
+        """
         try:
+            self.context_.batch_indices = indices
             result = self.rule.compute(self.network, x, y, self.context_)
             for i, grads in result.gradients.items():
                 for name, grad in grads.items():

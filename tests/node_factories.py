@@ -14,6 +14,7 @@ from pnn.calibration import CalibratedNode, Calibrator, DigitalTwin, OutputDrift
 from pnn.network import DigitalLinear
 from pnn.nodes import Node
 from pnn.simulators.crossbar import CROSSBAR_PRESETS, CrossbarNode
+from pnn.simulators.hopfield import HopfieldNode
 from pnn.simulators.resistive import RESISTIVE_PRESETS, ResistiveNode
 from pnn.simulators.diffractive import DIFFRACTIVE_PRESETS, DiffractiveNode
 from pnn.simulators.mzi import MZI_PRESETS, MziNode
@@ -37,6 +38,7 @@ NODE_FACTORIES: dict[str, Callable[[], Node]] = {
     ),
     "resistive-default": lambda: ResistiveNode(6, 4, hidden=(5,), rng=0, name="resistive"),
     "resistive-ideal": lambda: ResistiveNode(6, 4, rng=0, name="resistive", config=RESISTIVE_PRESETS["ideal"]),
+    "hopfield": lambda: HopfieldNode(6, 4, hidden=(5,), rng=0, name="hopfield"),
     "digital-linear": lambda: DigitalLinear(6, 4, rng=0, name="fc", dtype=np.float64),
     "calibration-twin": lambda: _crossbar_twin(CrossbarNode(6, 4, rng=0, name="xbar")),
     "calibration-twin-gradient": _twin_gradient,

@@ -10,6 +10,7 @@ from .local_losses import LocalContrast, LocalDirect, LocalPredict, LocalPseudo,
 from .mgd import MGD
 from .node_perturbation import NodePerturbation
 from .weight_perturbation import SPSA, WeightPerturbation
+from .ep import CoupledLearning, EquilibriumPropagation
 from .losses import LOSSES, CrossEntropy, Loss, MeanSquaredError, get_loss, one_hot
 from .optim import OPTIMIZERS, SGD, Adam, Optimizer, lr_at_epoch, make_optimizer
 
@@ -31,6 +32,8 @@ __all__ = [
     "LocalContrast",
     "LocalPredict",
     "LocalPseudo",
+    "EquilibriumPropagation",
+    "CoupledLearning",
     "LOSSES",
     "CrossEntropy",
     "Loss",

@@ -38,12 +38,18 @@ NodeFactory = Callable[[int, int, str, str], Node]
 
 @dataclass
 class RuleContext:
-    """What a rule may use besides the network: randomness, the loss and the device factory."""
+    """What a rule may use besides the network: randomness, the loss and the device factory.
+
+    ``batch_indices`` holds the positions in the training set of the batch being computed, set
+    by the controller before each step (None outside training); rules that keep a state per
+    example (equilibrium propagation's persistent states) key it by these.
+    """
 
     rng: np.random.Generator
     loss: Loss
     n_classes: int
     node_factory: NodeFactory | None = None
+    batch_indices: np.ndarray | None = None
 
 
 @dataclass
