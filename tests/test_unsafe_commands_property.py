@@ -178,3 +178,33 @@ def test_no_command_leaves_the_limits(emulator, tmp_path, banks, set_only, unkno
     if refused:
         parameter_channels = set(node.banks["weight"].group.channels) | set(node.banks["bias"].group.channels)
         assert not [write for write in emulator.level_writes() if write[1] in parameter_channels]
+
+
+def test_a_level_just_outside_narrowed_limits_is_not_moved_onto_them(emulator, tmp_path):
+    # Found by the property above: a level one DAC step above a limit that the station narrowed
+    # was taken for read-back rounding and moved onto the limit, so the ramp to the safe value
+    # started one step away from the real level and its first step exceeded max_step.
+    hardware = emulator.hardware
+    emulator.faults.clear()
+    hardware.readback_overshoot = False
+    hardware.levels[:] = _start_levels(hardware, "zero", 0)
+    first = hardware.channels[0].first_weight
+    bank = {"narrow": True, "lower": 0.0, "upper": 0.8359375, "max_step_levels": 1.5, "safe": 0.5}
+    wide = {"narrow": False, "lower": 0.0, "upper": 1.0, "max_step_levels": 2.0, "safe": 0.5}
+    path = _station(emulator, tmp_path / "station.toml", {"weight": bank, "bias": wide}, set_only=False,
+                    unknown_start="safe", input_limits=(-1.0, 1.0))
+    station = load_station(path)
+    node = station.build_nodes()[0]
+    spec = node.parameters["weight"]
+    hardware.levels[first - 1] = float(spec.upper_array.reshape(-1)[0]) + float(hardware.resolution[first - 1])
+    emulator.clear_record()
+    audit = CommandAudit(emulator, [node])
+    with pytest.raises(PnnError, match="outside the limits"):
+        node.reconnect()
+        node.apply_safe_state()
+    try:
+        station.__exit__(None, None, None)
+    except PnnError:
+        pass
+    assert audit.violations() == []
+    assert first not in [write[1] for write in emulator.level_writes()]

@@ -70,6 +70,10 @@ class OutputBank:
     """Pause between ramp steps, in seconds."""
     unknown_start: str = "refuse"
     """When a level is unknown: ``"refuse"`` raises, ``"safe"`` sets the safe value first."""
+    range_lower: np.ndarray | None = None
+    """The instrument's own lowest level per value (before the station narrowed it), or None."""
+    range_upper: np.ndarray | None = None
+    """The instrument's own highest level per value, or None."""
 
     def __post_init__(self) -> None:
         if int(np.prod(self.spec.shape)) != len(self.group.channels):
@@ -383,18 +387,25 @@ class InstrumentNode(Node):
 
     @staticmethod
     def _snap(bank: OutputBank, levels: np.ndarray) -> np.ndarray:
-        """Return read-back levels with those within one step outside a limit moved onto it.
+        """Return read-back levels with those within one step outside the instrument's range moved onto it.
 
-        A DAC at its limit may read back one step outside it through rounding. Levels are not
-        moved onto the grid: a ramp planned from a rounded start could step further than
-        ``max_step`` from the real one. A level further outside stays as read, so a ramp from
-        there refuses instead of crossing the limit.
+        A DAC at the end of its range may read back one step outside it through rounding. Only
+        the instrument's own range gets this allowance: a level outside limits that the station
+        narrowed is really there, and moving it onto the limit would plan a ramp from the wrong
+        start. Levels are not moved onto the grid either, for the same reason. A level further
+        outside stays as read, so a ramp from there refuses instead of crossing the limit.
         """
         spec = bank.spec
         tol = max(spec.tolerance(), spec.resolution)
         lo, hi = spec.lower_array, spec.upper_array
-        inside = (levels >= lo - tol) & (levels <= hi + tol)
-        return np.where(inside, np.clip(levels, lo, hi), levels)
+        if bank.range_lower is not None and bank.range_upper is not None:
+            at_lower = np.broadcast_to(np.asarray(bank.range_lower).reshape(-1), lo.size).reshape(spec.shape) >= lo - spec.tolerance()
+            at_upper = np.broadcast_to(np.asarray(bank.range_upper).reshape(-1), hi.size).reshape(spec.shape) <= hi + spec.tolerance()
+        else:
+            at_lower = at_upper = np.ones(spec.shape, dtype=bool)
+        low_ok = np.where(at_lower, levels >= lo - tol, levels >= lo)
+        high_ok = np.where(at_upper, levels <= hi + tol, levels <= hi)
+        return np.where(low_ok & high_ok, np.clip(levels, lo, hi), levels)
 
     def _read_parameters(self) -> dict[str, np.ndarray]:
         return {name: self._assumed_levels(bank) for name, bank in self._banks.items()}

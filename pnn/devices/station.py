@@ -664,15 +664,18 @@ class Station:
 
     def _build_node(self, node: NodeConfig) -> InstrumentNode:
         path = self.path
-        inputs_spec = _resolve_spec(node.inputs, self._bank_ranges(node.inputs), path, "input")
+        input_ranges = self._bank_ranges(node.inputs)
+        inputs_spec = _resolve_spec(node.inputs, input_ranges, path, "input")
         inputs = OutputBank("inputs", ChannelGroup(node.inputs.instrument, node.inputs.channels), inputs_spec,
-                            node.inputs.ramp_delay_s, node.inputs.unknown_start)
+                            node.inputs.ramp_delay_s, node.inputs.unknown_start,
+                            input_ranges.lower, input_ranges.upper)
         parameters = {}
         sizes = {}
         for name, bank in node.parameters.items():
-            spec = _resolve_spec(bank, self._bank_ranges(bank), path, name)
+            ranges = self._bank_ranges(bank)
+            spec = _resolve_spec(bank, ranges, path, name)
             parameters[name] = OutputBank(name, ChannelGroup(bank.instrument, bank.channels), spec,
-                                          bank.ramp_delay_s, bank.unknown_start)
+                                          bank.ramp_delay_s, bank.unknown_start, ranges.lower, ranges.upper)
             if bank.perturbation is not None:
                 sizes[name] = bank.perturbation
         probes = {name: ChannelGroup(read.instrument, read.channels) for name, read in node.probes.items()}
