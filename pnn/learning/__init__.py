@@ -6,6 +6,7 @@ name.
 
 from .base import RULES, LearningRule, RuleContext, StepResult, forward_checked, make_rule, register_rule
 from .dfa import DFA
+from .noprop import NoPropCT, NoPropDT, NoPropFM
 from .losses import LOSSES, CrossEntropy, Loss, MeanSquaredError, get_loss, one_hot
 from .optim import OPTIMIZERS, SGD, Adam, Optimizer, lr_at_epoch, make_optimizer
 
@@ -18,6 +19,9 @@ __all__ = [
     "make_rule",
     "register_rule",
     "DFA",
+    "NoPropDT",
+    "NoPropCT",
+    "NoPropFM",
     "LOSSES",
     "CrossEntropy",
     "Loss",

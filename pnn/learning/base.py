@@ -21,6 +21,7 @@ from ..errors import ConfigError, MeasurementError
 from ..network import PhysicalNetwork
 from ..nodes import Node
 from .losses import Loss
+from .optim import Optimizer
 
 __all__ = [
     "LearningRule",
@@ -38,12 +39,19 @@ NodeFactory = Callable[[int, int, str, str], Node]
 
 @dataclass
 class RuleContext:
-    """What a rule may use besides the network: randomness, the loss and the device factory."""
+    """What a rule may use besides the network: randomness, the loss and the device factory.
+
+    ``optimizers`` are the controller's, by node position. A rule that updates nodes outside
+    the network's own list (in worker processes, for example) copies their settings and reads
+    the current learning rate from them. ``clip_updates`` is the controller's clipping setting.
+    """
 
     rng: np.random.Generator
     loss: Loss
     n_classes: int
     node_factory: NodeFactory | None = None
+    optimizers: Mapping[int, Optimizer] = field(default_factory=dict)
+    clip_updates: bool = True
 
 
 @dataclass
