@@ -4,6 +4,11 @@ parallel workers, resume and bad input."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -35,7 +40,7 @@ from pnn.learning.noprop.schedules import sigmoid
 from pnn.network import DigitalLinear, Encoder
 from pnn.runs import load_tree
 
-from .test_train_e2e import StopAfterFirstEpoch, final_parameters, run_pnn, stop_after_first_epoch
+from .test_train_e2e import REPO, StopAfterFirstEpoch, final_parameters, run_pnn, stop_after_first_epoch
 
 N_FEATURES, N_CLASSES = 5, 3
 
@@ -478,3 +483,37 @@ def test_cli_bad_noprop_input_is_one_line(tmp_path, args, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert message in lines[0]
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_workers_resumes_exactly(tmp_path):
+    # Ctrl-C in a terminal reaches the workers too; they must keep serving the checkpoint.
+    args = ["train", "--quiet", "--rule", "noprop-dt", "--device", "digital", "--rule-option", "workers=2",
+            "--rule-option", "T=4", "--hidden", "16", "--epochs", "6", "--seed", "3"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cut = tmp_path / "cut"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pnn", *args, "--out", str(cut)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=env, start_new_session=True,
+    )
+    metrics = cut / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if metrics.exists() and metrics.read_text().count("\n") > 40:
+            break
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "checkpoint written" in stderr
+    assert "Traceback" not in stderr
+
+    resumed = run_pnn("train", "--resume", str(cut), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    full = run_pnn(*args, "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    assert resumed.stdout == full.stdout
+    a, b = final_parameters(tmp_path / "full"), final_parameters(cut)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(b[key], a[key], err_msg=key)

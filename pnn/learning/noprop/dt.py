@@ -209,12 +209,15 @@ class NoPropDT(NoPropRule):
 
     def state_dict(self) -> dict[str, Any]:
         network = getattr(self, "_network", None)
-        return {} if network is None else {"worker_optimizers": network.blocks.optimizer_states()}
+        if network is None:
+            return {}
+        return {"worker_optimizers": network.blocks.optimizer_states(), "worker_clipped": self.worker_clipped_}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         network = getattr(self, "_network", None)
         if network is not None:
             network.blocks.load_optimizer_states(state["worker_optimizers"])
+            self.worker_clipped_ = int(state["worker_clipped"])
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()

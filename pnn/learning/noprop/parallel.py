@@ -30,6 +30,7 @@ import copy
 import logging
 import multiprocessing
 import os
+import signal
 import traceback
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -155,6 +156,9 @@ class _Worker:
 
 def _worker_main(connection, specs: list[DenoiserSpec]) -> None:
     """Serve commands ``(method name, arguments)`` from the main process until ``close``."""
+    # Ctrl-C reaches the whole process group. The main process finishes the step, fetches the
+    # checkpoint from the workers and then closes them, so a worker must not stop on its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         worker = _Worker(specs)
         connection.send(("ok", worker.describe()))
