@@ -9,7 +9,7 @@ import numpy as np
 
 from ...errors import ConfigError, MeasurementError
 from ...network import DigitalLinear, Encoder
-from ..base import LearningRule
+from ..base import LearningRule, make_rule
 from .denoisers import ARCHITECTURES, DenoiserSpec
 from .embeddings import EMBEDDING_KINDS, LabelEmbedding, prototype_embeddings
 from .networks import NoPropNetwork
@@ -95,6 +95,9 @@ class NoPropRule(LearningRule):
             "learn_embedding": self.learn_embedding, "block": self.block, "z_scale": self.z_scale,
         }
 
+    #: ``"dt"``, ``"ct"`` or ``"fm"``.
+    variant = ""
+
     def check(self, network) -> None:
         super().check(network)
         if not isinstance(network, NoPropNetwork) or network.variant != self.variant:
@@ -105,9 +108,6 @@ class NoPropRule(LearningRule):
         if network.steps != self.T:
             raise ConfigError(f"rule {self.name!r} has T = {self.T} but the network has {network.steps} steps")
 
-    #: ``"dt"``, ``"ct"`` or ``"fm"``.
-    variant = ""
-
     # ---------------------------------------------------------------- building the network
     @classmethod
     def _settings(cls, config: TrainConfig) -> NoPropRule:
@@ -115,7 +115,8 @@ class NoPropRule(LearningRule):
             raise ConfigError(
                 f"rule {cls.name!r} builds its blocks from a simulated device; a station file is not supported yet"
             )
-        return cls(**config.rule_options)
+        # make_rule turns an unknown option into a ConfigError that names it.
+        return make_rule(cls.name, **config.rule_options)
 
     def _architecture(self, config: TrainConfig) -> str:
         return self.block or ("mlp" if config.device == "digital" else "device")

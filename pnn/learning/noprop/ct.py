@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ...errors import ConfigError
 from ..base import RuleContext, StepResult, register_rule
 from ..losses import one_hot
 from .blocks import simplex_backward, simplex_prediction
@@ -85,8 +86,6 @@ class NoPropCT(NoPropRule):
         self.eta = self._positive("eta", eta)
         self.snr_weight_cap = self._positive("snr_weight_cap", snr_weight_cap, allow_none=True)
         if not isinstance(inference_noise, bool):
-            from ...errors import ConfigError  # noqa: PLC0415
-
             raise ConfigError(f"inference_noise must be true or false, got {inference_noise!r}")
         self.inference_noise = inference_noise
         # LearnedSchedule validates these three.
