@@ -391,6 +391,12 @@ def test_variant_learns_vowels(tmp_path, rule, device, options, minimum):
     assert steps[-1]["loss"] < steps[0]["loss"]
     if rule == "noprop-dt":
         assert {f"block_{t}_loss" for t in range(1, 6)} <= set(steps[0])
+    if rule == "noprop-ct":
+        trained = load_tree(tmp_path / "run" / "checkpoint.npz")["network"]["schedule"]["parameters"]
+        schedule = LearnedSchedule(16)
+        schedule.set_parameters(trained)
+        assert not np.array_equal(trained["segment_logits"], np.zeros(16))  # it did learn
+        assert np.all(np.diff(schedule.log_snr(np.linspace(0.0, 1.0, 4001))) > 0)
 
 
 @pytest.mark.parametrize(
