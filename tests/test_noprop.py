@@ -122,7 +122,7 @@ def check_gradients(rule, network, n_entries=3, eps=1e-6):
 class PerfectDenoiser:
     """Stand-in denoiser that reads the label: its features of x are the one-hot labels.
 
-    It records the latent it receives at every call, so a test sees every z_t of a recursion.
+    It records the latent it receives at every call, so a test can check every z_t of a recursion.
     """
 
     nodes: list = []
@@ -238,7 +238,7 @@ def test_dt_recursion_with_perfect_denoiser_keeps_marginals():
 
 def test_ct_recursion_with_perfect_denoiser_keeps_marginals():
     # log SNR(0) = -15 makes q(z_0 | y) = N(0, I) to within 6e-4 in the mean, far below the
-    # sampling error, so starting from pure noise is exact for this check.
+    # sampling error, so this check cannot tell pure noise from the exact start.
     network = ct_network(T=8, kind="onehot", log_snr_min=-15.0, log_snr_max=6.0)
     seen = []
     network.denoiser = PerfectDenoiser(network.embedding.matrix, seen)
