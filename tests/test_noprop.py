@@ -65,7 +65,7 @@ def parts(kind="learned", dim=4):
 def dt_network(T=4, kind="learned"):
     encoder, embedding, classifier = parts(kind)
     blocks = LocalBlocks([build_denoiser(make_spec(f"block{t}", embedding.dim, N_CLASSES, seed=t)) for t in range(1, T + 1)])
-    return DTNetwork(encoder, embedding, classifier, blocks)
+    return DTNetwork(encoder, embedding, classifier, blocks, inference_noise=True)
 
 
 def ct_network(T=4, kind="learned", log_snr_min=-3.0, log_snr_max=3.0):
@@ -73,7 +73,7 @@ def ct_network(T=4, kind="learned", log_snr_min=-3.0, log_snr_max=3.0):
     denoiser = build_denoiser(make_spec("denoiser", embedding.dim, N_CLASSES, n_time=8))
     schedule = LearnedSchedule(4, log_snr_min=log_snr_min, log_snr_max=log_snr_max)
     schedule.set_parameters({"segment_logits": np.array([0.3, -0.5, 0.8, 0.1])})
-    return CTNetwork(encoder, embedding, classifier, denoiser, schedule, steps=T)
+    return CTNetwork(encoder, embedding, classifier, denoiser, schedule, steps=T, inference_noise=True)
 
 
 def fm_network(T=4, kind="learned"):
@@ -434,6 +434,16 @@ def test_workers_give_same_parameters_as_one_process(tmp_path):
     assert any("block5.layer1" in key for key in serial)
     for key in serial:
         np.testing.assert_array_equal(parallel[key], serial[key], err_msg=key)
+
+
+def test_training_ignores_inference_noise_setting(tmp_path):
+    for noise in (False, True):
+        options = {"T": 4, "inference_noise": noise}
+        train(vowel_config(tmp_path / str(noise), "noprop-dt", device="crossbar", epochs=2, rule_options=options), progress=False)
+    quiet, noisy = final_parameters(tmp_path / "False"), final_parameters(tmp_path / "True")
+    assert quiet.keys() == noisy.keys()
+    for key in quiet:
+        np.testing.assert_array_equal(noisy[key], quiet[key], err_msg=key)
 
 
 # --------------------------------------------------------------------------- bad input

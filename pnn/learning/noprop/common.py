@@ -173,6 +173,11 @@ class NoPropRule(LearningRule):
 
     @staticmethod
     def _training_outputs(network: NoPropNetwork, x_encoded: np.ndarray, context, **kwargs) -> np.ndarray:
-        """Logits of the inference procedure on the training batch (for the training accuracy)."""
-        z = network.infer(x_encoded, context.rng, **kwargs)
+        """Return the logits of the inference procedure on the training batch (for the training accuracy).
+
+        The procedure's noise comes from a generator seeded by one draw of the rule's generator,
+        so the training noise that follows does not depend on how much noise inference uses.
+        """
+        rng = np.random.default_rng(context.rng.integers(2**63))
+        z = network.infer(x_encoded, rng, **kwargs)
         return network.classifier.forward(z)

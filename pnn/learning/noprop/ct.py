@@ -57,7 +57,8 @@ class NoPropCT(NoPropRule):
         the whole batch's gradient: on the vowels (T = 5, two seeds) the test accuracy was
         92 and 96 % with the cap at 1, 80 and 74 % at 100 and 67 and 53 % at 1000.
     inference_noise
-        Sample the recursion's noise at inference; False takes posterior means.
+        Sample the recursion's noise at inference; the default False takes posterior means, as
+        for NoProp-DT.
     n_segments
         Linear pieces of the learned schedule.
     log_snr_min, log_snr_max
@@ -77,7 +78,7 @@ class NoPropCT(NoPropRule):
         z_scale: float = 3.0,
         eta: float = 1.0,
         snr_weight_cap: float | None = 1.0,
-        inference_noise: bool = True,
+        inference_noise: bool = False,
         n_segments: int = 16,
         log_snr_min: float = -7.0,
         log_snr_max: float = 7.0,

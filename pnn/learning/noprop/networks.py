@@ -69,7 +69,7 @@ class NoPropNetwork:
         *,
         steps: int,
         seed: int = 0,
-        inference_noise: bool = True,
+        inference_noise: bool = False,
     ) -> None:
         if classifier.n_in != embedding.dim:
             raise ConfigError(
@@ -357,7 +357,6 @@ class FMNetwork(NoPropNetwork):
     variant = "fm"
 
     def __init__(self, encoder, embedding, classifier, denoiser: Denoiser, *, steps: int, **kwargs) -> None:
-        kwargs.setdefault("inference_noise", False)
         super().__init__(encoder, embedding, classifier, steps=steps, **kwargs)
         self.denoiser = denoiser
         self._check_names()
