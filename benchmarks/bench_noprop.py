@@ -189,10 +189,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to time")
     parser.add_argument("--rounds", type=int, default=3, help="timed epochs per setting")
     parser.add_argument("--skip-speed", action="store_true", help="measure memory only")
+    parser.add_argument("--skip-memory", action="store_true", help="measure speed only")
     args = parser.parse_args()
 
     print(f"CPU cores: {os.cpu_count()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
-    measure_memory(args.depths, args.width)
+    if not args.skip_memory:
+        measure_memory(args.depths, args.width)
     if not args.skip_speed:
         measure_speed(10, args.width, args.steps, args.workers, args.rounds)
 

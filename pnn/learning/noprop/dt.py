@@ -156,9 +156,10 @@ class NoPropDT(NoPropRule):
             template.load_state_dict({})
             network.blocks.setup(template, context.clip_updates)
             self._network = network
+            # The pool counts its clips since it started; this run's count starts here.
+            self._clipped_offset = -network.blocks.clipped
         else:
             self._network = None
-        self.worker_clipped_ = 0
 
     def compute(self, network: DTNetwork, x: np.ndarray, labels: np.ndarray, context: RuleContext) -> StepResult:
         x_encoded = network.encode(x)
@@ -202,26 +203,27 @@ class NoPropDT(NoPropRule):
 
         if network.parallel:
             # Values the workers clipped at their limits so far (the controller counts its own).
-            extras["worker_clipped"] = float(self.worker_clipped_)
+            extras["worker_clipped"] = float(self._clipped_offset + network.blocks.clipped)
         outputs = self._training_outputs(network, x_encoded, context, reuse_features=True)
         return StepResult(loss=total + ce + kl, outputs=outputs, gradients=gradients, extras=extras)
 
     def after_update(self, network: DTNetwork, context: RuleContext) -> None:
         if network.parallel:
             lr = next(iter(context.optimizers.values())).lr
-            self.worker_clipped_ += network.blocks.commit(lr)
+            network.blocks.commit(lr)
 
     def state_dict(self) -> dict[str, Any]:
         network = getattr(self, "_network", None)
         if network is None:
             return {}
-        return {"worker_optimizers": network.blocks.optimizer_states(), "worker_clipped": self.worker_clipped_}
+        optimizers = network.blocks.optimizer_states()  # applies a pending update first
+        return {"worker_optimizers": optimizers, "worker_clipped": self._clipped_offset + network.blocks.clipped}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         network = getattr(self, "_network", None)
         if network is not None:
             network.blocks.load_optimizer_states(state["worker_optimizers"])
-            self.worker_clipped_ = int(state["worker_clipped"])
+            self._clipped_offset = int(state["worker_clipped"]) - network.blocks.clipped
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()

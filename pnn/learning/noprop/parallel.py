@@ -11,8 +11,9 @@ optimizer per node, built from a copy of the controller's optimizer. Per batch:
 2. ``infer``: the inference recursion on the batch, for the training accuracy, passes z from
    worker to worker in block order.
 3. ``commit``: if the controller accepted the batch, each worker steps its optimizers with the
-   learning rate sent along and applies the updates. A new ``train`` discards uncommitted
-   gradients, so a rejected batch changes nothing.
+   learning rate sent along and applies the updates. The commit travels with the next message
+   (to save an exchange), and a ``train`` without one discards the pending gradients, so a
+   rejected batch changes nothing.
 
 Checkpoints fetch every node's state and every optimizer's state from the workers, and resuming
 sends them back. The randomness of training (noise latents) is drawn in the main process, and
@@ -86,8 +87,14 @@ class _Worker:
         self.clip = bool(clip)
         self.pending = None
 
-    def train(self, x, labels, z_inputs, embeddings, weights, want_embedding_gradient) -> list[BlockOutcome]:
+    def train(self, commit_lr, x, labels, z_inputs, embeddings, weights, want_embedding_gradient) -> tuple[int, list[BlockOutcome]]:
+        """Commit the previous step's update if ``commit_lr`` is set, then train-step every block.
+
+        Returns (values clipped by that commit, one outcome per block).
+        """
+        clipped = self.commit(commit_lr) if commit_lr is not None else 0
         self.pending = None
+        x = x.astype(np.float64)
         pending, outcomes, features = {}, [], []
         for k, denoiser in enumerate(self.denoisers):
             outcome, feats = train_block(
@@ -103,13 +110,13 @@ class _Worker:
             features.append(feats)
         self.pending = pending
         self.features = features
-        return outcomes
+        return clipped, outcomes
 
     def infer(self, x, z, noise, coefficients, embeddings, reuse_features) -> np.ndarray:
         if reuse_features and self.features is not None:
             features = self.features
         else:
-            features = [denoiser.features(x) for denoiser in self.denoisers]
+            features = [denoiser.features(x.astype(np.float64)) for denoiser in self.denoisers]
         return denoise_range(self.denoisers, features, z, noise, coefficients, embeddings)
 
     def commit(self, lr: float) -> int:
@@ -205,6 +212,9 @@ class BlockPool:
         self._connections = []
         self._processes = []
         self._closed = False
+        # Learning rate of an accepted step whose update the workers have not applied yet.
+        self._commit_lr: float | None = None
+        self._clipped = 0
         with _single_threaded_children():
             for w, blocks in enumerate(self.ranges):
                 parent, child = context.Pipe()
@@ -253,13 +263,22 @@ class BlockPool:
         raise PnnError(f"NoProp worker {w} failed with {kind}: {message}\n{trace}")
 
     def _call(self, w: int, command: str, *arguments: Any) -> Any:
+        self._flush_commit()
         self._connections[w].send((command, arguments))
         return self._receive(w)
+
+    def _flush_commit(self) -> None:
+        """Have the workers apply an update they still owe, before any command but ``train``."""
+        if self._commit_lr is not None:
+            lr, self._commit_lr = self._commit_lr, None
+            self._clipped += int(sum(self._call_all("commit", [(lr,)] * len(self.ranges))))
 
     def _call_all(self, command: str, arguments: list[tuple]) -> list[Any]:
         """Send one command to every worker, then collect the replies (workers run in parallel)."""
         if self._closed:
             raise PnnError("the NoProp worker pool is closed")
+        if command not in ("train", "commit"):
+            self._flush_commit()
         for w, args in enumerate(arguments):
             self._connections[w].send((command, args))
         replies, first_error = [], None
@@ -278,17 +297,25 @@ class BlockPool:
         self._call_all("setup", [(template, clip)] * len(self.ranges))
 
     def train(self, x, labels, z_inputs, embeddings, weights, want_embedding_gradient) -> list[BlockOutcome]:
-        """Train-step every block in parallel; see :meth:`LocalBlocks.train`. Gradients stay in the workers."""
+        """Train-step every block in parallel; see :meth:`LocalBlocks.train`. Gradients stay in the workers.
+
+        The update of the previous accepted step travels with this message, which saves one
+        exchange per step. ``x`` is sent as float32, which is exact for encoder outputs.
+        """
+        lr, self._commit_lr = self._commit_lr, None
+        x32 = x.astype(np.float32)
         replies = self._call_all(
             "train",
-            [(x, labels, z_inputs[r[0] : r[-1] + 1], embeddings, weights[r[0] : r[-1] + 1], want_embedding_gradient)
+            [(lr, x32, labels, z_inputs[r[0] : r[-1] + 1], embeddings, weights[r[0] : r[-1] + 1], want_embedding_gradient)
              for r in self.ranges],
         )
-        return [outcome for reply in replies for outcome in reply]
+        self._clipped += sum(clipped for clipped, _ in replies)
+        return [outcome for _, outcomes in replies for outcome in outcomes]
 
     def infer(self, x, z0, noise, coefficients, embeddings, reuse_features: bool = False) -> np.ndarray:
         """Run the recursion from z_0 through the workers in block order and return z_T."""
         z = z0
+        x = x.astype(np.float32)
         for w, r in enumerate(self.ranges):
             part = slice(r[0], r[-1] + 1)
             z = self._call(
@@ -297,9 +324,17 @@ class BlockPool:
             )
         return z
 
-    def commit(self, lr: float) -> int:
-        """Apply every worker's pending update; return the number of clipped values."""
-        return int(sum(self._call_all("commit", [(lr,)] * len(self.ranges))))
+    def commit(self, lr: float) -> None:
+        """Apply every worker's pending update with learning rate ``lr``.
+
+        The workers apply it when the next message reaches them, before anything else.
+        """
+        self._commit_lr = float(lr)
+
+    @property
+    def clipped(self) -> int:
+        """Number of parameter values the workers have clipped at their limits so far."""
+        return self._clipped
 
     # ------------------------------------------------------------------------ state
     def node_states(self) -> dict[str, Any]:
@@ -347,6 +382,10 @@ class BlockPool:
         """Close every node and stop the workers; closing twice is allowed."""
         if self._closed:
             return
+        try:
+            self._flush_commit()
+        except PnnError as exc:
+            log.warning("NoProp workers: the last update was not applied before closing: %s", exc)
         self._closed = True
         for w, connection in enumerate(self._connections):
             try:
