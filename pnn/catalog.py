@@ -9,6 +9,7 @@ RULE_NAMES = (
     "wp", "np", "spsa", "mgd",
     "local-direct", "local-recon", "local-contrast", "local-predict", "local-pseudo",
     "ep", "coupled",
+    "noprop-dt", "noprop-ct", "noprop-fm",
 )
 DEVICE_NAMES = ("crossbar", "resistive", "mzi", "diffractive", "digital")
 DATASET_NAMES = ("vowels", "mnist")

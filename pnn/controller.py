@@ -214,17 +214,19 @@ class PhysicalNoProp:
         self._validate_settings()
         self.loss_fn_ = get_loss(self.loss)
         self.rule.check(self.network)
+        self.optimizers_: dict[int, Optimizer] = {
+            i: make_optimizer(self.optimizer, self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+            for i in self.network.trainable_indices
+        }
         self.context_ = RuleContext(
             rng=np.random.default_rng([self.seed, 7919]),
             loss=self.loss_fn_,
             n_classes=n_classes,
             node_factory=self.node_factory,
+            optimizers=self.optimizers_,
+            clip_updates=self.clip_updates,
         )
         self.rule.setup(self.network, self.context_)
-        self.optimizers_: dict[int, Optimizer] = {
-            i: make_optimizer(self.optimizer, self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-            for i in self.network.trainable_indices
-        }
         self.history_: list[dict[str, Any]] = []
         self.n_steps_ = 0
         self.n_rejected_ = 0

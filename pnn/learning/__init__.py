@@ -11,6 +11,7 @@ from .mgd import MGD
 from .node_perturbation import NodePerturbation
 from .weight_perturbation import SPSA, WeightPerturbation
 from .ep import CoupledLearning, EquilibriumPropagation
+from .noprop import NoPropCT, NoPropDT, NoPropFM
 from .losses import LOSSES, CrossEntropy, Loss, MeanSquaredError, get_loss, one_hot
 from .optim import OPTIMIZERS, SGD, Adam, Optimizer, lr_at_epoch, make_optimizer
 
@@ -34,6 +35,9 @@ __all__ = [
     "LocalPseudo",
     "EquilibriumPropagation",
     "CoupledLearning",
+    "NoPropDT",
+    "NoPropCT",
+    "NoPropFM",
     "LOSSES",
     "CrossEntropy",
     "Loss",

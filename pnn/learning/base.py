@@ -21,6 +21,7 @@ from ..errors import ConfigError, MeasurementError
 from ..network import PhysicalNetwork
 from ..nodes import Node
 from .losses import Loss
+from .optim import Optimizer
 
 __all__ = [
     "LearningRule",
@@ -43,6 +44,10 @@ class RuleContext:
     ``batch_indices`` holds the positions in the training set of the batch being computed, set
     by the controller before each step (None outside training); rules that keep a state per
     example (equilibrium propagation's persistent states) key it by these.
+
+    ``optimizers`` are the controller's, by node position. A rule that updates nodes outside
+    the network's own list (in worker processes, for example) copies their settings and reads
+    the current learning rate from them. ``clip_updates`` is the controller's clipping setting.
     """
 
     rng: np.random.Generator
@@ -50,6 +55,8 @@ class RuleContext:
     n_classes: int
     node_factory: NodeFactory | None = None
     batch_indices: np.ndarray | None = None
+    optimizers: Mapping[int, Optimizer] = field(default_factory=dict)
+    clip_updates: bool = True
 
 
 @dataclass
