@@ -50,3 +50,54 @@ def update_check_kernel(current, delta, lower, upper, max_step, tolerance, clip,
             n_changed += 1
         out[i] = target - current[i]
     return n_step, n_range, n_changed, worst_step, worst_target
+
+
+@njit(cache=True)
+def add_check_kernel(values, delta, lower, upper, tolerance):
+    """Check ``values + delta`` against ``[lower, upper]`` without writing anything.
+
+    Returns (non-finite changes, targets more than ``tolerance`` outside, the worst such target).
+    The counting loop has no branches, so it vectorises; the worst target is looked for only
+    when there is one.
+    """
+    n_bad = 0
+    n_range = 0
+    low = lower - tolerance
+    high = upper + tolerance
+    for i in range(delta.size):
+        d = delta[i]
+        target = values[i] + d
+        finite = abs(d) < np.inf
+        n_bad += not finite
+        n_range += finite & ((target < low) | (target > high))
+    worst_target = 0.0
+    if n_range:
+        for i in range(delta.size):
+            target = values[i] + delta[i]
+            outside = abs(delta[i]) < np.inf and (target < low or target > high)
+            if outside and (worst_target == 0.0 or abs(target) > abs(worst_target)):
+                worst_target = target
+    return n_bad, n_range, worst_target
+
+
+@njit(cache=True)
+def add_kernel(values, delta, lower, upper, applied):
+    """Add ``delta`` to ``values`` in place, clamped to ``[lower, upper]``; return how many clamped.
+
+    ``values`` keeps its dtype (float32 weights round each sum), and ``applied`` receives the
+    change each element really made, in float64. Call :func:`add_check_kernel` first: this
+    kernel writes as it goes.
+    """
+    n_clamped = 0
+    for i in range(delta.size):
+        old = values[i]
+        target = old + delta[i]
+        if target < lower:
+            target = lower
+            n_clamped += 1
+        elif target > upper:
+            target = upper
+            n_clamped += 1
+        values[i] = target
+        applied[i] = np.float64(values[i]) - np.float64(old)
+    return n_clamped

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["run_benchmarks", "matmul_rate", "flops_per_sample", "format_report"]
+__all__ = ["run_benchmarks", "matmul_rate", "flops_per_sample", "format_report", "numpy_dfa_throughput"]
 
 WIDTHS = (784, 256, 256, 10)
 
@@ -109,6 +109,40 @@ def pnn_throughput(device: str, preset: str | None, batch: int, n_samples: int, 
     controller = _pnn_controller(device, preset, batch, WIDTHS)
     seconds = _median_time(lambda: controller.fit(x, y), repeats)
     return n_samples / seconds
+
+
+def numpy_dfa_throughput(batch: int, n_samples: int, repeats: int) -> float:
+    """Return the throughput of a minimal float32 NumPy DFA loop with plain SGD (no checks, no log).
+
+    The floor of what pnn's controller could reach with the same BLAS: the forward products,
+    one random projection of the error per hidden layer and the weight updates, nothing else.
+    """
+    rng = np.random.default_rng(0)
+    widths = WIDTHS
+    weights = [rng.uniform(-1, 1, (n_out, n_in)).astype(np.float32) / np.float32(np.sqrt(n_in))
+               for n_in, n_out in zip(widths[:-1], widths[1:])]
+    biases = [np.zeros(n_out, dtype=np.float32) for n_out in widths[1:]]
+    feedback = [rng.standard_normal((widths[-1], n_out)).astype(np.float32) / np.float32(np.sqrt(widths[-1]))
+                for n_out in widths[1:-1]]
+    x, y = _random_mnist(n_samples)
+    targets = np.eye(widths[-1], dtype=np.float32)[y]
+    lr = np.float32(1e-3)
+
+    def epoch() -> None:
+        for start in range(0, n_samples, batch):
+            h = [x[start : start + batch]]
+            for w, b in zip(weights[:-1], biases[:-1]):
+                h.append(np.tanh(h[-1] @ w.T + b))
+            logits = h[-1] @ weights[-1].T + biases[-1]
+            p = np.exp(logits - logits.max(axis=1, keepdims=True))
+            p /= p.sum(axis=1, keepdims=True)
+            error = (p - targets[start : start + batch]) / np.float32(len(p))
+            deltas = [(error @ b_l) * (1 - h[i + 1] ** 2) for i, b_l in enumerate(feedback)] + [error]
+            for w, b, delta, h_in in zip(weights, biases, deltas, h):
+                w -= lr * (delta.T @ h_in)
+                b -= lr * delta.sum(axis=0)
+
+    return n_samples / _median_time(epoch, repeats)
 
 
 def torch_throughput(batch: int, n_samples: int, repeats: int) -> float | None:
@@ -236,6 +270,7 @@ def run_benchmarks(quick: bool = False, progress: Callable[[str], None] | None =
         figures = {
             "dfa_digital": pnn_throughput("digital", None, batch, n, repeats),
             "dfa_crossbar": pnn_throughput("crossbar", "default", batch, n, repeats),
+            "dfa_numpy": numpy_dfa_throughput(batch, n, repeats),
             "bp_torch": torch_throughput(batch, n, repeats),
         }
         row: dict[str, Any] = {"batch": batch, "samples_per_second": figures}
@@ -272,16 +307,21 @@ def format_report(results: dict[str, Any]) -> str:
         f"minimum work per sample: DFA {results['flops_per_sample']['dfa'] / 1e6:.3f} MFLOP, "
         f"backprop {results['flops_per_sample']['bp'] / 1e6:.3f} MFLOP",
         "",
-        "| batch | DFA digital (samples/s) | DFA crossbar (samples/s) | PyTorch backprop (samples/s) "
-        "| digital / PyTorch | crossbar / PyTorch | digital, share of matmul rate |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "Throughput in samples per second.",
+        "",
+        "| batch | DFA digital | DFA crossbar | NumPy DFA loop | PyTorch backprop "
+        "| digital / PyTorch | crossbar / PyTorch | NumPy loop / PyTorch | digital, share of matmul rate "
+        "| NumPy loop, share of matmul rate |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in results["throughput"]:
-        figures, ratios = row["samples_per_second"], row["ratio_to_torch"]
+        figures, ratios, shares = row["samples_per_second"], row["ratio_to_torch"], row["fraction_of_matmul"]
         lines.append(
             f"| {row['batch']} | {_fmt(figures['dfa_digital'], ',.0f')} | {_fmt(figures['dfa_crossbar'], ',.0f')} "
-            f"| {_fmt(figures['bp_torch'], ',.0f')} | {_fmt(ratios['dfa_digital'], '.2f')} "
-            f"| {_fmt(ratios['dfa_crossbar'], '.2f')} | {_fmt(row['fraction_of_matmul']['dfa_digital'], '.1%')} |"
+            f"| {_fmt(figures.get('dfa_numpy'), ',.0f')} | {_fmt(figures['bp_torch'], ',.0f')} "
+            f"| {_fmt(ratios['dfa_digital'], '.2f')} | {_fmt(ratios['dfa_crossbar'], '.2f')} "
+            f"| {_fmt(ratios.get('dfa_numpy'), '.2f')} | {_fmt(shares['dfa_digital'], '.1%')} "
+            f"| {_fmt(shares.get('dfa_numpy'), '.1%')} |"
         )
     lines += ["", "| hidden layers | DFA peak per step (MB) | backprop peak per step (MB) |", "| --- | --- | --- |"]
     for row in results["step_memory_bytes"]:

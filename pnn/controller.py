@@ -32,6 +32,7 @@ from typing import Any, Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
+from ._allocator import keep_freed_memory
 from .datasets import epoch_order, iterate_batches
 from .errors import ConfigError, InstrumentError, MeasurementError, PnnError
 from .learning.base import LearningRule, NodeFactory, RuleContext
@@ -299,6 +300,7 @@ class PhysicalNoProp:
             Continue from the run folder's latest checkpoint; a run killed before its first
             checkpoint starts again from the beginning.
         """
+        keep_freed_memory()
         n_classes = int(n_classes or self.network.n_out)
         x_train, y_train = _check_data(x_train, y_train, self.network.n_in, n_classes, "training")
         if x_test is not None:

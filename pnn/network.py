@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .activations import get_activation
-from .errors import ConfigError, MeasurementError, PnnError
+from .errors import ConfigError, LimitError, MeasurementError, PnnError
 from .nodes import ErrorSite, Node, NodeState, ParameterSpec
 
 __all__ = ["PhysicalNetwork", "DigitalLinear", "Encoder", "Readout"]
@@ -89,20 +89,48 @@ class DigitalLinear(Node):
         return {name: getattr(self, name).astype(np.float64) for name in values}
 
     def apply_update(self, delta: Mapping[str, Any], *, clip: bool = False) -> dict[str, np.ndarray]:
-        """Add ``delta`` in place; the digital weights have no resolution to round to."""
+        """Add ``delta`` in place; the digital weights have no resolution to round to.
+
+        Every change is checked before any is written. The check and the addition are one
+        Numba pass each over the weights, without the float64 copies of the generic path.
+        """
         self._check_open()
+        from ._validation_kernels import add_check_kernel, add_kernel  # noqa: PLC0415 - loads Numba on first use
+
         steps = {}
         for name, value in self._known(delta).items():
             spec = self._specs[name]
-            step = spec.check_shape(value, self._where(name))
-            current = getattr(self, name)
-            target = current + step
-            if np.any(np.abs(target) > spec.upper_array):
-                target = spec.check_range(target, self._where(name), clip=clip)
-            steps[name] = (target - current).astype(self.dtype)
-        for name, step in steps.items():
-            getattr(self, name)[...] += step
-        return {name: step.astype(np.float64) for name, step in steps.items()}
+            where = self._where(name)
+            try:
+                step = np.ascontiguousarray(value)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{where}: expected numbers, got {type(value).__name__} ({exc})") from None
+            if step.dtype.kind != "f":
+                step = spec.check_shape(step, where)
+            if step.shape != spec.shape:
+                raise ConfigError(f"{where}: expected shape {spec.shape}, got {step.shape}")
+            lower, upper = float(spec.lower), float(spec.upper)
+            n_bad, n_range, worst = add_check_kernel(
+                getattr(self, name).reshape(-1), step.reshape(-1), lower, upper, spec.tolerance()
+            )
+            if n_bad:
+                raise LimitError(f"{where}: {n_bad} value(s) are NaN or infinite; send finite values")
+            if n_range and not clip:
+                raise LimitError(
+                    f"{where}: {n_range} value(s) outside the allowed range {spec.range_text()}, "
+                    f"for example {worst:g}; send values inside the range, or pass clip=True "
+                    "to clip them (every clip is logged)"
+                )
+            steps[name] = (step, lower, upper)
+        applied = {}
+        for name, (step, lower, upper) in steps.items():
+            out = np.empty(step.shape)
+            clamped = add_kernel(getattr(self, name).reshape(-1), step.reshape(-1), lower, upper, out.reshape(-1))
+            if clamped:
+                log.debug("%s: clipped %d value(s) into %s", self._where(name), clamped,
+                          self._specs[name].range_text())
+            applied[name] = out
+        return applied
 
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         a = x @ self.weight.T + self.bias
@@ -119,10 +147,10 @@ class DigitalLinear(Node):
         error = self.check_error(state, output_error, at=at)
         delta = self._delta(state, error, at).astype(self.dtype)
         batch = delta.shape[0]
-        return {
-            "weight": (delta.T @ state.inputs.astype(self.dtype) / batch).astype(np.float64),
-            "bias": delta.mean(axis=0).astype(np.float64),
-        }
+        weight = delta.T @ state.inputs.astype(self.dtype, copy=False)
+        if batch > 1:
+            weight *= np.float32(1.0 / batch) if weight.dtype == np.float32 else 1.0 / batch  # in place: one pass fewer
+        return {"weight": weight.astype(np.float64), "bias": delta.mean(axis=0).astype(np.float64)}
 
     def input_gradient(self, state: NodeState, output_error: np.ndarray) -> np.ndarray:
         error = self.check_error(state, output_error)

@@ -55,6 +55,10 @@ log = logging.getLogger(__name__)
 
 #: Float dtype of the crossbar's signals and effective weights.
 FLOAT = np.float32
+#: Nonlinearities a crossbar column can apply after its ADC.
+ACTIVATION_NAMES = ("linear", "tanh", "hardtanh", "sigmoid")
+#: Stand-in for the noise draws when read noise is off.
+_NO_NOISE = np.zeros((0, 0))
 
 #: Imperfection stages of the crossbar, each switched off by :meth:`CrossbarConfig.without`.
 STAGES = (
@@ -297,15 +301,14 @@ class CrossbarNode(Node):
             output_unit="1",
             dtype=FLOAT,
         )
-        if activation not in kernels.ACTIVATION_CODES:
+        if activation not in ACTIVATION_NAMES:
             raise ConfigError(
                 f"node {name!r}: unknown crossbar activation {activation!r}; "
-                f"choose one of {', '.join(kernels.ACTIVATION_CODES)}"
+                f"choose one of {', '.join(ACTIVATION_NAMES)}"
             )
         self.config = config if config is not None else CrossbarConfig()
         self.preset = preset
         self.activation = get_activation(activation)
-        self._activation_code = kernels.ACTIVATION_CODES[activation]
         self.seed = int(rng) if isinstance(rng, (int, np.integer)) else None
         self.rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
@@ -463,10 +466,18 @@ class CrossbarNode(Node):
         dac_steps = 2 ** (cfg.dac_bits - 1) - 1 if cfg.enabled("dac") else 0
         adc_steps = 2 ** (cfg.adc_bits - 1) - 1 if cfg.enabled("adc") else 0
         noise = cfg.read_noise_std * self.full_scale if cfg.enabled("read_noise") else 0.0
-        x_applied, a, y = kernels.forward_kernel(
-            x, self._w, self._b, dac_steps, FLOAT(noise), FLOAT(self.full_scale),
-            cfg.enabled("saturation"), adc_steps, self._activation_code, self.rng,
-        )
+        x_applied = kernels.dac_kernel(x, dac_steps)
+        # The product runs in NumPy's BLAS, not in a Numba kernel: np.dot inside Numba calls
+        # SciPy's copy of OpenBLAS, and two BLAS thread pools spinning on the same cores made
+        # training ten times slower on 2 cores (docs/benchmarks.md, "Training speed").
+        a = np.dot(x_applied, self._w.T)
+        # Float64 draws, in the order the scalar kernel used to take them, keep old seeds reproducible.
+        draws = self.rng.standard_normal(a.shape) if noise > 0 else _NO_NOISE
+        kernels.readout_kernel(a, self._b, draws, FLOAT(noise), FLOAT(self.full_scale), cfg.enabled("saturation"),
+                               adc_steps)
+        y = self.activation.f(a)
+        if y is a:  # the linear activation: outputs and probes must not share memory
+            y = a.copy()
         return y, x_applied, {"preactivation": a}
 
     # ------------------------------------------------------------------------------ updates
