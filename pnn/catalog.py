@@ -4,7 +4,7 @@ Kept free of heavy imports so that ``pnn --help`` stays fast; a test checks thes
 the real registries.
 """
 
-RULE_NAMES = ("dfa",)
+RULE_NAMES = ("bp", "pat", "fa", "dfa", "ifa", "adfa", "dtp")
 DEVICE_NAMES = ("crossbar", "digital")
 DATASET_NAMES = ("vowels", "mnist")
-FEEDBACK_NAMES = ("random", "identity", "physical")
+FEEDBACK_NAMES = ("random", "identity", "physical", "learned")

@@ -67,7 +67,7 @@ class TrainConfig:
     rule: str = "dfa"
     """Learning rule."""
     feedback: str = "random"
-    """Feedback path of the alignment rules: random, identity or physical."""
+    """Feedback path of the alignment rules: random, identity, physical or learned."""
     rule_options: dict[str, Any] = field(default_factory=dict)
     """Extra options of the learning rule, by name."""
     hidden: list[int] | None = None
@@ -98,6 +98,8 @@ class TrainConfig:
     """Clip updates at parameter limits (each clip is counted and logged) instead of stopping."""
     max_consecutive_invalid: int = 10
     """Stop after this many rejected batches in a row."""
+    log_alignment: bool = False
+    """Log per epoch the angle, in degrees, between each hidden node's update and the backprop gradient."""
     checkpoint_every: int = 0
     """Extra checkpoint every n steps (0: at the end of each epoch only)."""
     out: str | None = None

@@ -169,7 +169,7 @@ def train(
         batch_size=config.batch_size, seed=config.seed, clip_updates=config.clip_updates,
         max_consecutive_invalid=config.max_consecutive_invalid,
         checkpoint_every=config.checkpoint_every, run=run, progress=progress, node_factory=factory,
-        callbacks=callbacks,
+        callbacks=callbacks, log_alignment=config.log_alignment,
     )
     try:
         controller.fit(

@@ -82,6 +82,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     learning.add_argument("--weight-decay", type=float, help="weight decay per step, relative to the learning rate (default: 0)")
     learning.add_argument("--lr-schedule", choices=("cosine", "constant"), help="learning-rate schedule over the epochs (default: cosine)")
     learning.add_argument("--loss", choices=("cross_entropy", "mse"), help="loss on the outputs (default: cross_entropy)")
+    learning.add_argument("--log-alignment", action="store_true", default=None,
+                          help="log per epoch, for each hidden layer, the angle in degrees between the rule's "
+                               "update and the backprop gradient through the nodes' models, on a fixed batch")
     learning.add_argument("--no-clip", action="store_false", dest="clip_updates", default=None,
                           help="stop with an error when an update would leave a parameter's limits, instead of clipping it")
 
@@ -104,7 +107,7 @@ _FIELDS = (
     "dataset", "data_dir", "download", "n_train", "n_test", "device", "preset", "station", "rule",
     "feedback", "hidden", "activation", "epochs", "batch_size", "lr", "optimizer", "momentum",
     "weight_decay", "lr_schedule", "loss", "clip_updates", "seed", "out", "checkpoint_every",
-    "max_consecutive_invalid",
+    "max_consecutive_invalid", "log_alignment",
 )
 
 

@@ -10,6 +10,7 @@ rejects that batch.
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -127,6 +128,16 @@ def make_rule(name: str, **options: Any) -> LearningRule:
         cls = RULES[name]
     except KeyError:
         raise ConfigError(f"unknown rule {name!r}; choose one of {', '.join(sorted(RULES))}") from None
+    accepted = [
+        parameter.name
+        for parameter in inspect.signature(cls.__init__).parameters.values()
+        if parameter.name != "self"
+        and parameter.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        valid = ", ".join(accepted) if accepted else "none"
+        raise ConfigError(f"rule {name!r} has no option(s) {', '.join(unknown)}; its options are: {valid}")
     try:
         return cls(**options)
     except TypeError as exc:
