@@ -108,10 +108,10 @@ class PhysicalNoProp:
         Functions called as ``callback(controller, epoch_record)`` after each epoch's checkpoint.
     log_alignment
         After each epoch, log for every hidden trainable node the angle in degrees between the
-        rule's gradient and the backprop gradient through the nodes' models, both on a fixed
-        batch of up to :data:`ALIGNMENT_BATCH` training examples, as ``alignment_<node name>``
-        in the epoch record. The probe runs the network, so on a noisy device it draws noise
-        samples that a run without it would have used elsewhere.
+        rule's gradient and the backprop gradient through the nodes' models. Both come from a
+        fixed batch of up to :data:`ALIGNMENT_BATCH` training examples, and the angle goes into
+        the epoch record as ``alignment_<node name>``. The probe runs the network, so on a noisy
+        device it draws noise samples that a run without it would have used elsewhere.
     """
 
     def __init__(

@@ -68,7 +68,7 @@ def test_probe_leaves_training_unchanged(tmp_path, feedback):
         np.testing.assert_array_equal(a[name]["parameters"]["weight"], b[name]["parameters"]["weight"])
 
 
-def test_needs_a_model_of_every_later_node(rng):
+def test_alignment_needs_node_models(rng):
     class Opaque(Readout):
         has_input_gradient = False
 

@@ -87,7 +87,7 @@ def test_pat_equals_bp_on_digital_network(rng):
             np.testing.assert_array_equal(result.gradients[i][name], grad)
 
 
-def test_pat_on_ideal_crossbar_equals_bp_on_digital_copy(rng):
+def test_pat_ideal_crossbar_matches_digital(rng):
     hardware = crossbar_network([6, 8, 5, 3], preset="ideal", seed=3)
     copy = PhysicalNetwork([
         *[DigitalLinear(node.n_in, node.n_out, activation=node.activation.name, name=f"copy{i}", dtype=np.float32)
@@ -111,7 +111,7 @@ def test_pat_on_ideal_crossbar_equals_bp_on_digital_copy(rng):
                                        err_msg=f"node {i} {name}")
 
 
-def test_pat_with_wrong_model_lowers_hardware_loss(rng):
+def test_pat_wrong_model_lowers_loss(rng):
     # The hardware has per-unit gain and offset errors its model ignores. PAT still drives the
     # hardware loss down; training the model alone and copying its weights over does worse.
     sizes = [4, 16, 16, 3]

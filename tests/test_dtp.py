@@ -66,7 +66,7 @@ def test_top_node_gets_backprop_error(rng):
 
 
 @pytest.mark.parametrize("kind", ["digital", "crossbar"])
-def test_difference_loss_aligns_feedback_with_transposed_jacobian(rng, kind):
+def test_difference_loss_aligns_jacobians(rng, kind):
     # Only the inverses train here; fc1 is linear, so J_f = W1 everywhere.
     sizes = [5, 12, 8, 3]
     if kind == "digital":

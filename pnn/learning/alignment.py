@@ -1,10 +1,10 @@
 """Shared machinery of the feedback-alignment family (FA, DFA, IFA, augmented DFA).
 
-Each rule sends the output error to its hidden nodes along feedback paths that stand in for
-part of the network: a :class:`FeedbackRoute` names that part, and :class:`AlignmentRule`
-builds one path per route with the chosen strategy (``random``, ``identity``, ``physical`` or
-``learned``, see :mod:`pnn.learning.feedback`), checks the network, checkpoints the paths and
-trains learned ones after each update.
+Each rule sends the output error to its hidden nodes along feedback paths, each of which
+replaces the backward pass through part of the network. A :class:`FeedbackRoute` names that
+part. :class:`AlignmentRule` builds one path per route with the chosen strategy (``random``,
+``identity``, ``physical`` or ``learned``, see :mod:`pnn.learning.feedback`), checks the
+network, checkpoints the paths and trains learned ones after each update.
 
 Learned feedback is trained from forward measurements only (:func:`measure_response`): noise
 is added to the signal entering the route, the route is run on the clean and the perturbed
@@ -43,6 +43,7 @@ __all__ = [
     "measure_response",
     "measure_linear_map",
     "has_preactivation_error",
+    "is_positive_number",
 ]
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FeedbackRoute:
-    """The part of a network that one feedback path stands in for.
+    """The part of a network whose backward pass one feedback path replaces.
 
     The route runs from the inputs of node ``first`` to node ``last`` (inclusive). Its
     Jacobian maps a change of node ``first``'s inputs, shape (batch, n_target), to a change of
@@ -68,7 +69,7 @@ class FeedbackRoute:
     response
         ``"outputs"`` or ``"preactivation"`` of node ``last``: where the error is taken.
     mismatch
-        Why identity feedback cannot stand in for the route when the widths differ, as text
+        Why identity feedback cannot replace the route when the widths differ, as text
         naming the node (for example "node 'layer1' has 64 outputs but the network has 7").
     """
 
@@ -79,6 +80,11 @@ class FeedbackRoute:
     last: int
     response: Literal["outputs", "preactivation"]
     mismatch: str
+
+
+def is_positive_number(value: Any) -> bool:
+    """Return True for a finite int or float above zero (booleans and strings are not numbers)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
 def has_preactivation_error(node: Node) -> bool:
@@ -176,9 +182,10 @@ def measure_response(
 def measure_linear_map(node: Node, signal: np.ndarray) -> np.ndarray:
     """Measure ``W @ signal`` for each example: the node's pre-activation response without bias.
 
-    The signal is scaled to fill the node's input range (at most [-1, 1]) so that DAC rounding
-    costs little, applied with both signs in one batch, and the difference of the two measured
-    pre-activations, ``a(g s) - a(-g s) = 2 g W s``, is divided by ``2 g``; the bias cancels.
+    The signal is scaled by a gain g to fill the node's input range (at most [-1, 1]), so that
+    DAC rounding costs little, and applied with both signs in one batch. The difference of the
+    two measured pre-activations, ``a(g s) - a(-g s) = 2 g W s``, divided by ``2 g`` is the
+    result, and the bias cancels in it.
 
     Parameters
     ----------
@@ -222,8 +229,8 @@ class AlignmentRule(LearningRule):
         ``"random"``, ``"identity"``, ``"physical"`` or ``"learned"`` (see
         :mod:`pnn.learning.feedback`).
     feedback_scale
-        Scale of the random matrices (the starting point of learned ones too) and of the
-        physical feedback node's weights.
+        Scale of the random matrices, which are also the starting point of learned ones. A
+        physical feedback node keeps the initial weights its device kind gives it.
     feedback_rate
         Learned feedback only: fraction of the way each measurement moves B towards its
         Jacobian estimate, in (0, 1].
@@ -245,7 +252,7 @@ class AlignmentRule(LearningRule):
             )
         for label, value in (("feedback_scale", feedback_scale), ("feedback_rate", feedback_rate),
                              ("feedback_noise", feedback_noise)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            if not is_positive_number(value):
                 raise ConfigError(f"rule {self.name!r}: {label} must be a positive number, got {value!r}")
         if feedback_rate > 1:
             raise ConfigError(f"rule {self.name!r}: feedback_rate must be in (0, 1], got {feedback_rate!r}")
@@ -326,7 +333,9 @@ class AlignmentRule(LearningRule):
             try:
                 perturbation, response = measure_response(network, route, inputs, self.feedback_noise, context.rng)
             except MeasurementError as exc:
-                log.warning("rule %r: feedback of node %r not trained on this batch: %s", self.name, network[key].name, exc)
+                log.warning(
+                    "rule %r: feedback of node %r not trained on this batch: %s", self.name, network[key].name, exc
+                )
                 continue
             self.paths_[key].learn(perturbation, response, self.feedback_noise)
         self._operating_points = {}

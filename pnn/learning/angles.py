@@ -2,7 +2,7 @@
 
 The backprop gradient is computed through the nodes' own models (``input_gradient``, the
 digital copy of each node) at the states of a fresh forward pass, as physics-aware training
-computes it; on a digital network it is the exact gradient.
+computes it. On a digital network it is the exact gradient.
 """
 
 from __future__ import annotations

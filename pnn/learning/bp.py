@@ -26,7 +26,7 @@ def check_backward_models(
 
     Every node after the first trainable one needs ``input_gradient`` (a model of itself).
     ``user`` names what needs the backward pass in the message (for example "rule 'pat'"),
-    and ``remedy`` says what to do instead.
+    and ``remedy`` is the advice that ends the message.
     """
     first = network.trainable_indices[0]
     for node in network.nodes[first + 1 :]:

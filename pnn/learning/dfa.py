@@ -21,8 +21,8 @@ __all__ = ["DFA", "direct_routes"]
 def direct_routes(network: PhysicalNetwork, hidden: list[int]) -> list[FeedbackRoute]:
     """Return the routes from each hidden node's outputs to the network's outputs.
 
-    A direct feedback path B_l of shape (n_l, n_out) stands in for the Jacobian of the network
-    output with respect to node l's outputs, transposed.
+    A direct feedback path B_l of shape (n_l, n_out) replaces the transposed Jacobian of the
+    network output with respect to node l's outputs.
     """
     last = len(network) - 1
     return [

@@ -39,7 +39,7 @@ import numpy as np
 
 from ..errors import ConfigError, MeasurementError
 from ..network import PhysicalNetwork
-from .alignment import perturb_and_measure
+from .alignment import is_positive_number, perturb_and_measure
 from .base import LearningRule, RuleContext, StepResult, forward_checked, register_rule
 from .optim import Adam
 
@@ -113,10 +113,12 @@ class DTP(LearningRule):
     ) -> None:
         for label, value in (("target_step", target_step), ("inverse_lr", inverse_lr),
                              ("inverse_noise", inverse_noise), ("inverse_scale", inverse_scale)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            if not is_positive_number(value):
                 raise ConfigError(f"rule 'dtp': {label} must be a positive number, got {value!r}")
         if inverse not in INVERSE_ACTIVATIONS:
-            raise ConfigError(f"rule 'dtp': unknown inverse {inverse!r}; choose one of {', '.join(INVERSE_ACTIVATIONS)}")
+            raise ConfigError(
+                f"rule 'dtp': unknown inverse {inverse!r}; choose one of {', '.join(INVERSE_ACTIVATIONS)}"
+            )
         if inverse_loss not in INVERSE_LOSSES:
             raise ConfigError(
                 f"rule 'dtp': unknown inverse_loss {inverse_loss!r}; choose one of {', '.join(INVERSE_LOSSES)}"

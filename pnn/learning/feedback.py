@@ -11,9 +11,9 @@ Each path maps an error of shape (batch, n_error) to a signal of shape (batch, n
   (Launay et al. 2020, "Hardware beyond backpropagation: a photonic co-processor for direct
   feedback alignment", arXiv:2012.06373).
 - ``learned``: a matrix B that starts as the random one and is trained to track the transposed
-  Jacobian of the path it stands in for. The rule injects small noise where the feedback
-  signal arrives, measures the response where the error is taken, and moves B towards the
-  measured correlation, in the manner of the weight mirrors of Akrout et al. 2019 ("Deep
+  Jacobian of the part of the network it replaces. The rule injects small noise where the
+  feedback signal arrives, measures the response where the error is taken, and moves B towards
+  the measured correlation, in the manner of the weight mirrors of Akrout et al. 2019 ("Deep
   learning without weight transport", NeurIPS). Only forward measurements are needed, so it
   runs on hardware.
 """
@@ -108,12 +108,12 @@ class PhysicalFeedback(Feedback):
 class LearnedFeedback(RandomFeedback):
     """Feedback matrix B of shape (n_target, n_error), trained towards the transposed Jacobian.
 
-    The path it stands in for maps a change at the target (batch, n_target) to a change of the
-    error source (batch, n_error) through a Jacobian J of shape (n_error, n_target); backprop
-    would send the error back with J^T, which is B's shape. :meth:`learn` takes one measured
-    perturbation and its response and moves B a fraction ``rate`` of the way to the per-row
-    least-squares estimate of J^T, so B is an exponential moving average of measured
-    Jacobians over the operating points seen in training.
+    The part of the network that B replaces maps a change at the target (batch, n_target) to a
+    change of the error source (batch, n_error) through a Jacobian J of shape
+    (n_error, n_target). Backprop would send the error back with J^T, which has B's shape.
+    :meth:`learn` takes one measured perturbation and its response and moves B a fraction
+    ``rate`` of the way to the per-row least-squares estimate of J^T, so B is an exponential
+    moving average of measured Jacobians over the operating points seen in training.
 
     Parameters
     ----------

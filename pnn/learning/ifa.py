@@ -81,6 +81,12 @@ class IFA(AlignmentRule):
                     f"rule 'ifa': node {network[i].name!r} exposes no pre-activation, so the forward "
                     "weights' product with the error cannot be measured on it; use rule 'dfa'"
                 )
+            spec = network[i].input_spec
+            if np.any(spec.lower_array >= 0) or np.any(spec.upper_array <= 0):
+                raise ConfigError(
+                    f"rule 'ifa': node {network[i].name!r} takes inputs in {spec.range_text()}, but the "
+                    "error must be applied to it with both signs; use rule 'dfa'"
+                )
 
     def compute(self, network: PhysicalNetwork, x: np.ndarray, labels: np.ndarray, context: RuleContext) -> StepResult:
         outputs = forward_checked(network, x)

@@ -1,9 +1,9 @@
 """Physics-aware training (Wright et al. 2022, "Deep physical neural networks trained with
 backpropagation", Nature 601, 549).
 
-The forward pass runs on the hardware; the backward pass runs through a differentiable model
-of each node, evaluated at the measured states (the inputs as applied, the measured outputs and
-pre-activations). The loss and its error come from the measured outputs, so a model that is
+The forward pass runs on the hardware. The backward pass runs through a differentiable model
+of each node, evaluated at the measured states: the inputs as applied, the measured outputs and
+the pre-activations. The loss and its error come from the measured outputs, so a model that is
 only roughly right still moves the hardware downhill, which training the model alone and
 copying its weights over does not do. With a perfect model the update equals backprop.
 
