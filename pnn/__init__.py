@@ -38,6 +38,8 @@ _EXPORTS = {
     "train": "experiment",
     "CrossbarNode": "simulators",
     "CrossbarConfig": "simulators",
+    "ResistiveNode": "simulators",
+    "ResistiveConfig": "simulators",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -20,7 +20,7 @@ __all__ = ["main", "build_parser"]
 
 # Subcommand modules, in the order ``pnn --help`` lists them. Each defines
 # ``add_parser(subparsers)``, registering a parser whose ``func`` default runs the command.
-COMMAND_MODULES = ["train"]
+COMMAND_MODULES = ["train", "sweep", "bench", "emulate", "devices", "calibrate"]
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1

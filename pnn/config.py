@@ -64,6 +64,20 @@ class TrainConfig:
     """Device settings that override the preset, by field name; ``disabled`` lists stages to switch off."""
     station: str | None = None
     """Station file (TOML) describing instrument nodes; replaces the simulated device."""
+    calibrations: str | None = None
+    """Calibration store folder; by default ``calibrations/`` next to the station file (stations only)."""
+    calibration: str = "use"
+    """Calibration records of physical nodes: ``use`` the ones that exist, ``require`` one per node, or ``off``."""
+    allow_expired_calibration: bool = False
+    """Use an expired calibration record when no valid one exists (logged as a warning)."""
+    allow_identity_mismatch: bool = False
+    """Use a calibration record made for another device identity (logged as a warning)."""
+    twin_gradients: bool = False
+    """Compute the gradients of calibrated nodes through their digital twins (physics-aware training)."""
+    drift_check: int = 0
+    """Check calibrated nodes for drift every this many epochs; 0 never checks."""
+    drift_action: str = "recalibrate"
+    """Action when a drift check finds a node out of tolerance: ``recalibrate``, ``pause`` or ``warn``."""
     rule: str = "dfa"
     """Learning rule."""
     feedback: str = "random"
@@ -97,11 +111,17 @@ class TrainConfig:
     clip_updates: bool = True
     """Clip updates at parameter limits (each clip is counted and logged) instead of stopping."""
     max_consecutive_invalid: int = 10
-    """Stop after this many rejected batches in a row."""
+    """Stop after this many batches in a row without an update (invalid measurements or instrument faults)."""
+    retry_backoff_s: float = 0.5
+    """Pause after an instrument fault before the batch is tried again, in seconds; doubled per fault in a row."""
+    retry_backoff_max_s: float = 30.0
+    """Maximum pause between two tries of a batch, in seconds."""
     log_alignment: bool = False
     """Log per epoch the angle, in degrees, between each hidden node's update and the backprop gradient."""
     checkpoint_every: int = 0
     """Extra checkpoint every n steps (0: at the end of each epoch only)."""
+    checkpoint_interval_s: float = 60.0
+    """Extra checkpoint when this many seconds have passed since the last one (0: never)."""
     out: str | None = None
     """Run folder; default ``runs/<date>-<time>-<dataset>-<rule>``."""
 
@@ -178,11 +198,16 @@ def load_config_file(path: str | Path) -> TrainConfig:
     return config_from_mapping(values, source=str(path))
 
 
-def resolve_config(config: TrainConfig) -> TrainConfig:
-    """Fill unset settings from the dataset defaults and check every value's range."""
+def resolve_config(config: TrainConfig, *, lr_scale: float = 1.0) -> TrainConfig:
+    """Fill unset settings from the dataset defaults and check every value's range.
+
+    ``lr_scale`` multiplies the default learning rate, for devices whose parameters are not
+    weights of order one (conductances in microsiemens, for example).
+    """
     if config.dataset not in DATASET_DEFAULTS:
         raise ConfigError(f"unknown dataset {config.dataset!r}; choose one of {', '.join(DATASET_DEFAULTS)}")
-    defaults = DATASET_DEFAULTS[config.dataset]
+    defaults = dict(DATASET_DEFAULTS[config.dataset])
+    defaults["lr"] = defaults["lr"] * lr_scale
     changes = {key: value for key, value in defaults.items() if getattr(config, key) is None}
     config = dataclasses.replace(config, **changes)
 
@@ -203,6 +228,24 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         value = getattr(config, key)
         if value is not None and value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
+    if config.seed < 0:
+        raise ConfigError(f"seed must be a whole number >= 0, got {config.seed}")
+    if config.max_consecutive_invalid < 1:
+        raise ConfigError(f"max_consecutive_invalid must be at least 1, got {config.max_consecutive_invalid}")
+    if config.checkpoint_every < 0:
+        raise ConfigError(f"checkpoint_every must be 0 (off) or a number of steps, got {config.checkpoint_every}")
+    for key in ("retry_backoff_s", "retry_backoff_max_s", "checkpoint_interval_s"):
+        value = getattr(config, key)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{key} must be a number of seconds >= 0, got {value}")
     if config.encoder not in ("standard", "minmax", "none"):
         raise ConfigError(f"unknown encoder {config.encoder!r}; choose standard, minmax or none")
+    # The same names as pnn.calibration's CALIBRATION_MODES and DRIFT_ACTIONS, which this light
+    # module does not import.
+    if config.calibration not in ("require", "use", "off"):
+        raise ConfigError(f"unknown calibration mode {config.calibration!r}; choose require, use or off")
+    if config.drift_action not in ("recalibrate", "pause", "warn"):
+        raise ConfigError(f"unknown drift action {config.drift_action!r}; choose recalibrate, pause or warn")
+    if config.drift_check < 0:
+        raise ConfigError(f"drift_check must be a number of epochs >= 0, got {config.drift_check}")
     return config

@@ -6,6 +6,14 @@ its local gradient; the controller then checks every gradient, runs each node's 
 pushes the update to the node within its limits. A batch whose measurement or gradient is
 invalid is rejected whole: no node gets an update computed from it.
 
+Instrument faults (a timeout, a lost connection, a garbled protocol reply) during the measurement
+are retried: the controller waits (a bounded exponential backoff) and runs the same batch again,
+while the instrument driver resynchronises or reconnects its link. A fault while the update is
+being written leaves that update partly applied, so the controller moves on to the next batch
+instead of applying it twice. After ``max_consecutive_invalid`` batches in a row without an
+update, the run stops: the safe state is applied, a checkpoint is written, and the message names
+the instrument and the fault.
+
 The run is reproducible: batches come from ``epoch_order(n, seed, epoch)``, every random
 generator's state is checkpointed, and resuming from a checkpoint continues exactly where the
 checkpoint was taken.
@@ -25,7 +33,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .datasets import epoch_order, iterate_batches
-from .errors import ConfigError, MeasurementError, PnnError
+from .errors import ConfigError, InstrumentError, MeasurementError, PnnError
 from .learning.angles import update_angles
 from .learning.base import LearningRule, NodeFactory, RuleContext
 from .learning.bp import check_backward_models
@@ -43,11 +51,28 @@ ALIGNMENT_BATCH = 256
 
 
 class TrainingInterrupted(PnnError):
-    """Training stopped on Ctrl-C after writing a checkpoint."""
+    """Training stopped on Ctrl-C (or SIGTERM) after writing a checkpoint."""
 
 
 class TrainingStopped(PnnError):
-    """Training stopped after too many consecutive rejected batches."""
+    """Training stopped after too many batches in a row without an update."""
+
+
+# Outcomes of one training step.
+_ACCEPTED = "accepted"
+_REJECTED = "rejected"
+"""The measurement or gradient was invalid; the batch is skipped."""
+_RETRY = "retry"
+"""An instrument fault during the measurement; the same batch runs again after a pause."""
+_UPDATE_FAILED = "update failed"
+"""An instrument fault while writing the update; the update may be partly applied."""
+
+# A backoff pause is slept in slices of this many seconds, so Ctrl-C is seen promptly.
+_POLL_S = 0.05
+
+
+def _new_epoch_sums() -> dict[str, Any]:
+    return {"loss": 0.0, "correct": 0, "seen": 0, "rejected": 0, "faults": 0, "clipped": 0}
 
 
 def _check_data(x: np.ndarray, y: np.ndarray, n_in: int, n_classes: int, label: str) -> tuple[np.ndarray, np.ndarray]:
@@ -92,13 +117,22 @@ class PhysicalNoProp:
         Clip updates that would leave a parameter's limits or exceed its maximum step, instead of
         stopping with a LimitError. Every clip is counted in the metrics log and logged.
     max_consecutive_invalid
-        Stop (safe state, checkpoint, message) after this many rejected batches in a row.
+        Stop (safe state, checkpoint, message) after this many batches in a row without an
+        update, whether their measurement was invalid or an instrument failed.
+    retry_backoff_s
+        Pause after the first instrument fault in a row, in seconds; doubled after each further
+        fault in a row, up to ``retry_backoff_max_s``.
+    retry_backoff_max_s
+        Maximum pause between two tries, in seconds.
     checkpoint_every
         Also write a checkpoint every this many steps (0: only at the end of each epoch).
+    checkpoint_interval_s
+        Also write a checkpoint after a step when this many seconds have passed since the last
+        one (0: never), so a long epoch on slow hardware loses little when the run is killed.
     run
         Run folder for the configuration, metrics and checkpoints; None keeps nothing on disk.
     progress
-        Show a tqdm progress bar per epoch.
+        Show a tqdm progress bar for the run, and a line per epoch for epochs of 2 s or more.
     node_factory
         Builds a node of the network's device kind, for rules that need extra physical nodes
         (physical feedback).
@@ -106,6 +140,11 @@ class PhysicalNoProp:
         Examples per forward pass when evaluating.
     callbacks
         Functions called as ``callback(controller, epoch_record)`` after each epoch's checkpoint.
+    step_callbacks
+        Functions called as ``callback(controller, step_record)`` after each try of a batch,
+        once its checkpoint (if one is due) is written; ``step_record`` has the keys ``epoch``,
+        ``batch`` and ``outcome`` (``"accepted"``, ``"rejected"``, ``"retry"`` or
+        ``"update failed"``). Tests use them to inject faults or stop a run at a chosen step.
     log_alignment
         After each epoch, log for every hidden trainable node the angle in degrees between the
         rule's gradient and the backprop gradient through the nodes' models. Both come from a
@@ -130,12 +169,16 @@ class PhysicalNoProp:
         seed: int = 0,
         clip_updates: bool = True,
         max_consecutive_invalid: int = 10,
+        retry_backoff_s: float = 0.5,
+        retry_backoff_max_s: float = 30.0,
         checkpoint_every: int = 0,
+        checkpoint_interval_s: float = 60.0,
         run: RunDir | None = None,
         progress: bool = True,
         node_factory: NodeFactory | None = None,
         eval_batch_size: int = 1000,
         callbacks: list[Callable[[PhysicalNoProp, dict[str, Any]], None]] | None = None,
+        step_callbacks: list[Callable[[PhysicalNoProp, dict[str, Any]], None]] | None = None,
         log_alignment: bool = False,
     ) -> None:
         self.network = network
@@ -151,12 +194,16 @@ class PhysicalNoProp:
         self.seed = seed
         self.clip_updates = clip_updates
         self.max_consecutive_invalid = max_consecutive_invalid
+        self.retry_backoff_s = retry_backoff_s
+        self.retry_backoff_max_s = retry_backoff_max_s
         self.checkpoint_every = checkpoint_every
+        self.checkpoint_interval_s = checkpoint_interval_s
         self.run = run
         self.progress = progress
         self.node_factory = node_factory
         self.eval_batch_size = eval_batch_size
         self.callbacks = list(callbacks or [])
+        self.step_callbacks = list(step_callbacks or [])
         self.log_alignment = log_alignment
 
     # ---------------------------------------------------------------------------- setup
@@ -171,11 +218,19 @@ class PhysicalNoProp:
             raise ConfigError(f"max_consecutive_invalid must be at least 1, got {self.max_consecutive_invalid}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        for name in ("retry_backoff_s", "retry_backoff_max_s", "checkpoint_interval_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (np.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a number of seconds >= 0, got {value!r}")
 
     def _setup(self, n_classes: int) -> None:
         self._validate_settings()
         self.loss_fn_ = get_loss(self.loss)
         self.rule.check(self.network)
+        self.optimizers_: dict[int, Optimizer] = {
+            i: make_optimizer(self.optimizer, self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+            for i in self.network.trainable_indices
+        }
         if self.log_alignment:
             check_backward_models(
                 self.network, "alignment metrics (--log-alignment)",
@@ -186,18 +241,20 @@ class PhysicalNoProp:
             loss=self.loss_fn_,
             n_classes=n_classes,
             node_factory=self.node_factory,
+            optimizers=self.optimizers_,
+            clip_updates=self.clip_updates,
         )
         self.rule.setup(self.network, self.context_)
-        self.optimizers_: dict[int, Optimizer] = {
-            i: make_optimizer(self.optimizer, self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-            for i in self.network.trainable_indices
-        }
         self.history_: list[dict[str, Any]] = []
         self.n_steps_ = 0
         self.n_rejected_ = 0
+        self.n_faults_ = 0
         self._position = (0, 0)
-        self._epoch_sums = {"loss": 0.0, "correct": 0, "seen": 0, "rejected": 0, "clipped": 0}
-        self._last_rejection = ""
+        self._epoch_sums = _new_epoch_sums()
+        self._last_failure = ""
+        self._consecutive = 0
+        self._consecutive_faults = 0
+        self._last_checkpoint_time = time.monotonic()
 
     # ---------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -210,6 +267,7 @@ class PhysicalNoProp:
             "position": list(self._position),
             "n_steps": self.n_steps_,
             "n_rejected": self.n_rejected_,
+            "n_faults": self.n_faults_,
             "epoch_sums": dict(self._epoch_sums),
             "history": list(self.history_),
         }
@@ -224,12 +282,15 @@ class PhysicalNoProp:
         self._position = (int(state["position"][0]), int(state["position"][1]))
         self.n_steps_ = int(state["n_steps"])
         self.n_rejected_ = int(state["n_rejected"])
-        self._epoch_sums = dict(state["epoch_sums"])
+        # Checkpoints written before instrument faults were counted have no such entry.
+        self.n_faults_ = int(state.get("n_faults", 0))
+        self._epoch_sums = {**_new_epoch_sums(), **state["epoch_sums"]}
         self.history_ = list(state["history"])
 
     def _checkpoint(self) -> None:
         if self.run is not None:
             self.run.save_checkpoint(self.state_dict())
+        self._last_checkpoint_time = time.monotonic()
 
     # ------------------------------------------------------------------------- training
     def fit(
@@ -253,7 +314,8 @@ class PhysicalNoProp:
         n_classes
             Number of classes; defaults to the network's output width.
         resume
-            Continue from the run folder's latest checkpoint.
+            Continue from the run folder's latest checkpoint; a run killed before its first
+            checkpoint starts again from the beginning.
         """
         n_classes = int(n_classes or self.network.n_out)
         x_train, y_train = _check_data(x_train, y_train, self.network.n_in, n_classes, "training")
@@ -265,15 +327,24 @@ class PhysicalNoProp:
             chosen = np.random.default_rng([self.seed, 5381]).permutation(len(x_train))[:ALIGNMENT_BATCH]
             self._alignment_probe = (x_train[np.sort(chosen)], y_train[np.sort(chosen)])
         if resume:
-            if self.run is None or not self.run.has_checkpoint():
-                raise ConfigError("nothing to resume: the run folder has no checkpoint yet; start the run again")
-            self.load_state_dict(self.run.load_checkpoint())
-            log.info("resumed at epoch %d, batch %d", self._position[0] + 1, self._position[1])
+            if self.run is None:
+                raise ConfigError("nothing to resume: this training has no run folder; pass run=RunDir(...)")
+            if self.run.has_checkpoint():
+                self.load_state_dict(self.run.load_checkpoint())
+                log.info("resumed at epoch %d, batch %d", self._position[0] + 1, self._position[1])
+            else:
+                # Killed before the first checkpoint: the seed makes starting over give the
+                # same run, once the steps logged so far are dropped.
+                self.run.truncate_metrics(0)
+                log.info("the run folder has no checkpoint yet; starting from the first batch")
 
         started = time.perf_counter()
         try:
             with self._interrupt_guard() as stop_requested:
                 self._train_loop(x_train, y_train, x_test, y_test, stop_requested)
+        except (TrainingStopped, TrainingInterrupted) as exc:
+            failures = self.network.apply_safe_state()
+            raise type(exc)(f"{exc}; {_safe_state_note(failures)}") from None
         except BaseException:
             self.network.apply_safe_state()
             raise
@@ -285,56 +356,133 @@ class PhysicalNoProp:
 
     def _train_loop(self, x_train, y_train, x_test, y_test, stop_requested: Callable[[], bool]) -> None:
         n = len(x_train)
+        n_batches = -(-n // self.batch_size)
         start_epoch, start_batch = self._position
-        for epoch in range(start_epoch, self.epochs):
-            lr = lr_at_epoch(self.lr, epoch, self.epochs, self.lr_schedule)
-            for opt in self.optimizers_.values():
-                opt.lr = lr
-            batches = list(iterate_batches(n, self.batch_size, epoch_order(n, self.seed, epoch)))
-            epoch_started = time.perf_counter()
-            first = start_batch if epoch == start_epoch else 0
-            if first == 0:
-                self._epoch_sums = {"loss": 0.0, "correct": 0, "seen": 0, "rejected": 0, "clipped": 0}
-            bar = tqdm(
-                total=len(batches), initial=first, desc=f"epoch {epoch + 1}/{self.epochs}",
-                unit="batch", disable=not self.progress, leave=False, dynamic_ncols=True,
-            )
-            consecutive_invalid = 0
-            with bar:
-                for b in range(first, len(batches)):
+        # One bar for the whole run: short epochs (the vowels) would otherwise flood the terminal.
+        bar = tqdm(
+            total=self.epochs * n_batches, initial=start_epoch * n_batches + start_batch, unit="batch",
+            disable=not self.progress, leave=False, dynamic_ncols=True,
+        )
+        last_test = self.history_[-1].get("test_accuracy") if self.history_ else None
+        self._last_checkpoint_time = time.monotonic()
+        with bar:
+            for epoch in range(start_epoch, self.epochs):
+                bar.set_description(f"epoch {epoch + 1}/{self.epochs}")
+                lr = lr_at_epoch(self.lr, epoch, self.epochs, self.lr_schedule)
+                for opt in self.optimizers_.values():
+                    opt.lr = lr
+                batches = list(iterate_batches(n, self.batch_size, epoch_order(n, self.seed, epoch)))
+                epoch_started = time.perf_counter()
+                b = start_batch if epoch == start_epoch else 0
+                if b == 0:
+                    self._epoch_sums = _new_epoch_sums()
+                while b < len(batches):
                     idx = batches[b]
-                    accepted = self._step(epoch, b, x_train[idx], y_train[idx], lr)
-                    consecutive_invalid = 0 if accepted else consecutive_invalid + 1
-                    self._position = (epoch, b + 1)
-                    bar.update(1)
-                    sums = self._epoch_sums
-                    if sums["seen"]:
-                        bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.4f}", acc=f"{sums['correct'] / sums['seen']:.3f}")
-                    if consecutive_invalid >= self.max_consecutive_invalid:
-                        self._checkpoint()
-                        raise TrainingStopped(
-                            f"stopped after {consecutive_invalid} rejected batches in a row "
-                            f"(last: {self._last_rejection}); the checkpoint is in "
-                            f"{self.run.path if self.run else 'memory only'}; check the device, then resume"
-                        )
-                    if self.checkpoint_every and self.n_steps_ % self.checkpoint_every == 0:
-                        self._checkpoint()
-                    if stop_requested():
-                        self._checkpoint()
-                        where = f"; resume with: pnn train --resume {self.run.path}" if self.run else ""
-                        raise TrainingInterrupted(
-                            f"interrupted at epoch {epoch + 1}, batch {b + 1} of {len(batches)}; "
-                            f"safe state applied and checkpoint written{where}"
-                        )
-            record = self._end_epoch(epoch, lr, x_test, y_test, time.perf_counter() - epoch_started)
-            self._position = (epoch + 1, 0)
-            self._checkpoint()
-            for callback in self.callbacks:
-                callback(self, record)
+                    outcome = self._step(epoch, b, x_train[idx], y_train[idx], lr, idx)
+                    if outcome != _RETRY:
+                        b += 1
+                        self._position = (epoch, b)
+                        bar.update(1)
+                    self._after_step(epoch, b, len(batches), outcome, bar, last_test, stop_requested)
+                record = self._end_epoch(epoch, lr, x_test, y_test, time.perf_counter() - epoch_started)
+                last_test = record.get("test_accuracy", last_test)
+                self._position = (epoch + 1, 0)
+                self._checkpoint()
+                for callback in self.callbacks:
+                    callback(self, record)
 
-    def _step(self, epoch: int, batch: int, x: np.ndarray, y: np.ndarray, lr: float) -> bool:
-        """Run one batch; return False if it was rejected."""
+    def _after_step(self, epoch: int, b: int, n_batches: int, outcome: str, bar: Any, last_test: float | None,
+                    stop_requested: Callable[[], bool]) -> None:
+        """Count the outcome, stop or pause when due, checkpoint, and run the step callbacks."""
+        sums = self._epoch_sums
+        if sums["seen"]:
+            postfix = {"loss": f"{sums['loss'] / sums['seen']:.4f}", "acc": f"{sums['correct'] / sums['seen']:.3f}"}
+            if last_test is not None:
+                postfix["test"] = f"{last_test:.3f}"
+            bar.set_postfix(postfix, refresh=False)
+
+        self._consecutive = 0 if outcome == _ACCEPTED else self._consecutive + 1
+        faulted = outcome in (_RETRY, _UPDATE_FAILED)
+        self._consecutive_faults = self._consecutive_faults + 1 if faulted else 0
+        if self._consecutive >= self.max_consecutive_invalid:
+            checkpoint_note = self._checkpoint_for_stop()
+            resume = f"pnn train --resume {self.run.path}" if self.run else "fit(..., resume=True)"
+            raise TrainingStopped(
+                f"training stopped after {self._consecutive} batches in a row without an update; "
+                f"last failure: {self._last_failure}; {checkpoint_note}; check the instrument, then "
+                f"continue with {resume}"
+            )
+        if faulted:
+            self._backoff(stop_requested)
+
+        due_by_steps = outcome == _ACCEPTED and self.checkpoint_every and self.n_steps_ % self.checkpoint_every == 0
+        due_by_time = self.checkpoint_interval_s and time.monotonic() - self._last_checkpoint_time >= self.checkpoint_interval_s
+        if due_by_steps or due_by_time:
+            self._checkpoint()
+        for callback in self.step_callbacks:
+            callback(self, {"epoch": epoch, "batch": b, "outcome": outcome})
+        if stop_requested():
+            self._checkpoint()
+            where = f"; resume with: pnn train --resume {self.run.path}" if self.run else ""
+            raise TrainingInterrupted(
+                f"interrupted at epoch {epoch + 1}, batch {b} of {n_batches}; checkpoint written{where}"
+            )
+
+    def _checkpoint_for_stop(self) -> str:
+        """Write a checkpoint before stopping; return a phrase saying where it is."""
+        if self.run is None:
+            return "no run folder, so no checkpoint was written"
         try:
+            self._checkpoint()
+        except PnnError as exc:
+            # The instrument may be too broken even to read its levels back; the previous
+            # checkpoint is still whole.
+            log.error("writing the checkpoint before stopping failed: %s", exc)
+            return f"the checkpoint could not be updated ({exc}), the previous one in {self.run.path} is kept"
+        return f"checkpoint written in {self.run.path}"
+
+    def _backoff(self, stop_requested: Callable[[], bool]) -> None:
+        """Pause before the next try: ``retry_backoff_s``, doubled per fault in a row, capped."""
+        delay = min(self.retry_backoff_s * 2.0 ** (self._consecutive_faults - 1), self.retry_backoff_max_s)
+        if delay <= 0:
+            return
+        log.warning("waiting %.3g s before the next try (%d instrument fault(s) in a row)", delay, self._consecutive_faults)
+        until = time.monotonic() + delay
+        while not stop_requested():
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                break
+            time.sleep(min(remaining, _POLL_S))
+
+    def _reject(self, epoch: int, batch: int, kind: str, exc: PnnError) -> None:
+        """Count and log a batch that produced no update."""
+        instrument = getattr(exc, "instrument", None)
+        if isinstance(exc, InstrumentError):
+            self.n_faults_ += 1
+            self._epoch_sums["faults"] += 1
+            self._last_failure = f"instrument {instrument!r} failed: {exc}" if instrument else f"instrument failure: {exc}"
+        else:
+            self.n_rejected_ += 1
+            self._epoch_sums["rejected"] += 1
+            self._last_failure = str(exc) if "invalid" in str(exc) else f"invalid measurement: {exc}"
+        log.warning("epoch %d batch %d %s: %s", epoch + 1, batch + 1, kind, exc)
+        if self.run is not None:
+            record = {"kind": "rejected" if kind == _REJECTED else "fault", "epoch": epoch, "batch": batch,
+                      "outcome": kind, "reason": str(exc)}
+            if instrument:
+                record["instrument"] = instrument
+            self.run.log(record)
+
+    def _step(
+        self, epoch: int, batch: int, x: np.ndarray, y: np.ndarray, lr: float, indices: np.ndarray | None = None
+    ) -> str:
+        """Run one batch and return its outcome (see the outcome names at the top of the module).
+
+        ``indices`` are the batch's positions in the training set, for rules that keep state per
+        example.
+        """
+        try:
+            self.context_.batch_indices = indices
             result = self.rule.compute(self.network, x, y, self.context_)
             for i, grads in result.gradients.items():
                 for name, grad in grads.items():
@@ -345,21 +493,27 @@ class PhysicalNoProp:
             if not np.isfinite(result.loss):
                 raise MeasurementError(f"loss is not finite ({result.loss})")
         except MeasurementError as exc:
-            self.n_rejected_ += 1
-            self._epoch_sums["rejected"] += 1
-            self._last_rejection = str(exc)
-            log.warning("epoch %d batch %d rejected: %s", epoch + 1, batch + 1, exc)
-            if self.run is not None:
-                self.run.log({"kind": "rejected", "epoch": epoch, "batch": batch, "reason": str(exc)})
-            return False
+            self._reject(epoch, batch, _REJECTED, exc)
+            return _REJECTED
+        except InstrumentError as exc:
+            if not exc.retryable:
+                raise
+            self._reject(epoch, batch, _RETRY, exc)
+            return _RETRY
 
         clipped = 0
-        for i, grads in result.gradients.items():
-            node = self.network[i]
-            params = node.get_parameters() if self.weight_decay else None
-            updates = self.optimizers_[i].step(grads, params)
-            node.apply_update(updates, clip=self.clip_updates)
-            clipped += sum(node.pop_limit_events().values())
+        try:
+            for i, grads in result.gradients.items():
+                node = self.network[i]
+                params = node.get_parameters() if self.weight_decay else None
+                updates = self.optimizers_[i].step(grads, params)
+                node.apply_update(updates, clip=self.clip_updates)
+                clipped += sum(node.pop_limit_events().values())
+        except InstrumentError as exc:
+            if not exc.retryable:
+                raise
+            self._reject(epoch, batch, _UPDATE_FAILED, exc)
+            return _UPDATE_FAILED
         self.rule.after_update(self.network, self.context_)
 
         self.n_steps_ += 1
@@ -371,12 +525,12 @@ class PhysicalNoProp:
         sums["clipped"] += clipped
         if self.run is not None:
             record = {
-                "kind": "step", "epoch": epoch, "batch": batch, "step": self.n_steps_,
+                "kind": "step", "epoch": epoch, "batch": batch, "step": self.n_steps_, "time": time.time(),
                 "loss": result.loss, "accuracy": correct / len(y), "lr": lr, "clipped": clipped,
             }
             record.update(result.extras)
             self.run.log(record)
-        return True
+        return _ACCEPTED
 
     def _end_epoch(self, epoch: int, lr: float, x_test, y_test, seconds: float) -> dict[str, Any]:
         sums = self._epoch_sums
@@ -387,6 +541,7 @@ class PhysicalNoProp:
             "train_loss": sums["loss"] / sums["seen"] if sums["seen"] else float("nan"),
             "train_accuracy": sums["correct"] / sums["seen"] if sums["seen"] else float("nan"),
             "rejected": sums["rejected"],
+            "faults": sums["faults"],
             "clipped": sums["clipped"],
             "seconds": seconds,
         }
@@ -404,7 +559,8 @@ class PhysicalNoProp:
         if x_test is not None:
             message += f", test accuracy {record['test_accuracy']:.4f}"
         log.info(message)
-        if self.progress:
+        # Epochs of a few seconds or more get a line each; faster ones only update the bar.
+        if self.progress and seconds >= 2.0:
             tqdm.write(message)
         return record
 
@@ -431,7 +587,7 @@ class PhysicalNoProp:
         reported as ``invalid``; they are left out of the loss.
         """
         loss_fn = getattr(self, "loss_fn_", None) or get_loss(self.loss)
-        outputs = self.network.predict(np.asarray(x), batch_size=self.eval_batch_size)
+        outputs = self._predict(np.asarray(x))
         y = np.asarray(y)
         finite = np.all(np.isfinite(outputs), axis=1)
         invalid = int(np.count_nonzero(~finite))
@@ -440,13 +596,37 @@ class PhysicalNoProp:
         accuracy = float(np.count_nonzero(correct & finite)) / len(y)
         return {"loss": float(loss), "accuracy": accuracy, "invalid": invalid}
 
+    def _predict(self, x: np.ndarray) -> np.ndarray:
+        """Return the network's outputs in chunks, trying a chunk again after an instrument fault.
+
+        A chunk is tried at most ``max_consecutive_invalid`` times, with the same backoff as
+        training steps; the last fault is raised after that.
+        """
+        chunks = []
+        for start in range(0, len(x), self.eval_batch_size):
+            chunk = x[start : start + self.eval_batch_size]
+            faults = 0
+            while True:
+                try:
+                    chunks.append(self.network.predict(chunk, batch_size=len(chunk)))
+                    break
+                except InstrumentError as exc:
+                    faults += 1
+                    if not exc.retryable or faults >= self.max_consecutive_invalid:
+                        raise
+                    log.warning("evaluation: instrument fault (%d in a row), trying again: %s", faults, exc)
+                    self._consecutive_faults = faults
+                    self._backoff(lambda: False)
+        self._consecutive_faults = 0
+        return np.concatenate(chunks, axis=0)
+
     # ------------------------------------------------------------------------- Ctrl-C
     @contextmanager
     def _interrupt_guard(self) -> Iterator[Callable[[], bool]]:
-        """Turn the first Ctrl-C into a stop request checked between steps.
+        """Turn the first Ctrl-C (SIGINT) or SIGTERM into a stop request checked between steps.
 
         A step is never cut in half, so the checkpoint written on stopping is consistent. A
-        second Ctrl-C raises KeyboardInterrupt at once (the safe state is still applied).
+        second signal raises KeyboardInterrupt at once (the safe state is still applied).
         """
         flag = {"stop": False}
         if threading.current_thread() is not threading.main_thread():
@@ -457,10 +637,20 @@ class PhysicalNoProp:
             if flag["stop"]:
                 raise KeyboardInterrupt
             flag["stop"] = True
-            log.warning("Ctrl-C: finishing the current step, then writing a checkpoint (press again to abort)")
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            log.warning("%s: finishing the current step, then writing a checkpoint (press Ctrl-C again to abort)", name)
 
-        previous = signal.signal(signal.SIGINT, handler)
+        previous = {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield lambda: flag["stop"]
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for number, old in previous.items():
+                signal.signal(number, old)
+
+
+def _safe_state_note(failures: list[tuple[str, BaseException]]) -> str:
+    """Return a phrase saying whether the safe state was applied, naming the nodes where it failed."""
+    if not failures:
+        return "safe state applied"
+    listed = "; ".join(f"node {name!r}: {exc}" for name, exc in failures)
+    return f"WARNING: applying the safe state failed ({listed}); check those outputs by hand"

@@ -39,7 +39,25 @@ class LimitError(PnnError, ValueError):
 
 
 class InstrumentError(PnnError):
-    """A failure talking to an instrument: connection, protocol or identity."""
+    """A failure talking to an instrument: connection, protocol or identity.
+
+    Parameters
+    ----------
+    message
+        What failed and what to do next.
+    instrument
+        Name of the instrument in the station file, when known; the training loop names it
+        when it stops after repeated failures.
+    """
+
+    #: True when the same exchange may succeed if tried again later (a timeout, a lost
+    #: connection, a garbled reply); False when retrying cannot help (another instrument
+    #: answers at the address).
+    retryable: bool = True
+
+    def __init__(self, message: str = "", *, instrument: str | None = None) -> None:
+        super().__init__(message)
+        self.instrument = instrument
 
 
 class InstrumentTimeout(InstrumentError, TimeoutError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as _dt
 import inspect
 import itertools
+import json
 import logging
 import platform
 import time
@@ -115,17 +116,40 @@ def _plot_curves(run: RunDir) -> None:
     plot_training_curves(run.read_metrics(), run.path / "curves.png")
 
 
+def _uses_calibrations(config: TrainConfig) -> bool:
+    """True when the run looks up or makes calibration records (stations, or when asked)."""
+    if config.calibration == "off":
+        return False
+    return bool(config.station or config.calibrations or config.twin_gradients or config.drift_check)
+
+
+def _prepare_calibrations(network: PhysicalNetwork, config: TrainConfig, run: RunDir | None) -> Any:
+    """Look up and apply the network's calibrations; a resumed run keeps the ones it started with."""
+    from .calibration import CalibrationStore  # noqa: PLC0415 - SciPy loads only when needed
+    from .calibration.training import CALIBRATION_FILE, prepare_calibrations  # noqa: PLC0415
+
+    if run is None:
+        return prepare_calibrations(network, config)
+    path = run.path / CALIBRATION_FILE
+    pinned = None
+    if path.exists():
+        used = json.loads(path.read_text(encoding="utf-8"))
+        pinned = {name: entry.get("record") for name, entry in used.get("nodes", {}).items()}
+    return prepare_calibrations(network, config, pinned=pinned, pinned_store=CalibrationStore(run.path / "calibrations"))
+
+
 def train(
     config: TrainConfig | None = None,
     *,
     resume: str | Path | None = None,
     progress: bool = True,
     callbacks: list | None = None,
+    step_callbacks: list | None = None,
 ) -> dict[str, Any]:
     """Run one training from a configuration, or resume one from its run folder.
 
-    ``callbacks`` are passed to :class:`~pnn.controller.PhysicalNoProp`. Returns the summary
-    that is also written to the run folder's ``summary.json``.
+    ``callbacks`` and ``step_callbacks`` are passed to :class:`~pnn.controller.PhysicalNoProp`.
+    Returns the summary that is also written to the run folder's ``summary.json``.
     """
     started = time.perf_counter()
     if resume is not None:
@@ -135,19 +159,34 @@ def train(
         if run.read_summary() is not None:
             raise ConfigError(f"the run in {run.path} has already finished; start a new run instead")
     else:
-        config = resolve_config(config or TrainConfig())
+        config = config or TrainConfig()
+        lr_scale = 1.0 if config.station else get_device(config.device).lr_scale
+        config = resolve_config(config, lr_scale=lr_scale)
         out = Path(config.out) if config.out else default_run_dir(config)
         config.out = str(out)
         # Check everything that can fail on bad input before creating the run folder.
         make_rule_for(config)
         if not config.station:
-            get_device(config.device).config(config.preset, config.device_options)
+            device = get_device(config.device)
+            device.config(config.preset, config.device_options)
+            config.preset = config.preset or device.default_preset
         run = None
 
     dataset = load_dataset(
         config.dataset, config.data_dir, download=config.download, n_train=config.n_train, n_test=config.n_test
     )
     network, factory = build_network(config, dataset)
+    calibrations = None
+    if _uses_calibrations(config):
+        try:
+            calibrations = _prepare_calibrations(network, config, run)
+        except BaseException:
+            # A refused record stops the run before it starts; the instruments go safe first.
+            network.apply_safe_state()
+            network.close()
+            raise
+        network = calibrations.network
+        callbacks = [*(callbacks or []), *calibrations.callbacks]
     rule = make_rule_for(config)
     rule.check(network)
     if run is None:
@@ -160,16 +199,25 @@ def train(
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             },
         )
-        run.write_identity({"nodes": network.identity(), "rule": rule.describe()})
+        if calibrations is not None:
+            calibrations.finish_setup(run.path)
+    if not run.has_identity():
+        # Written at the start; a run killed before that point gets it when resumed.
+        identity = {"nodes": network.identity(), "rule": rule.describe()}
+        if calibrations is not None:
+            identity["calibrations"] = calibrations.hashes()
+        run.write_identity(identity)
 
     controller = PhysicalNoProp(
         network, rule,
         loss=config.loss, optimizer=config.optimizer, lr=config.lr, momentum=config.momentum,
         weight_decay=config.weight_decay, lr_schedule=config.lr_schedule, epochs=config.epochs,
         batch_size=config.batch_size, seed=config.seed, clip_updates=config.clip_updates,
-        max_consecutive_invalid=config.max_consecutive_invalid,
-        checkpoint_every=config.checkpoint_every, run=run, progress=progress, node_factory=factory,
-        callbacks=callbacks, log_alignment=config.log_alignment,
+        max_consecutive_invalid=config.max_consecutive_invalid, retry_backoff_s=config.retry_backoff_s,
+        retry_backoff_max_s=config.retry_backoff_max_s, checkpoint_every=config.checkpoint_every,
+        checkpoint_interval_s=config.checkpoint_interval_s, run=run, progress=progress, node_factory=factory,
+        callbacks=callbacks, step_callbacks=step_callbacks,
+        log_alignment=config.log_alignment,
     )
     try:
         controller.fit(
@@ -187,7 +235,8 @@ def train(
         "rule": config.rule,
         "device": "station" if config.station else config.device,
         "preset": config.preset,
-        "hidden": config.hidden,
+        # Widths of the network as built (a station's nodes set them, not the hidden option).
+        "widths": [network.nodes[i].n_out for i in network.trainable_indices],
         "epochs": config.epochs,
         "train_accuracy": train_metrics["accuracy"],
         "train_loss": train_metrics["loss"],
@@ -200,6 +249,9 @@ def train(
         "wall_seconds": time.perf_counter() - started,
         "run_dir": str(run.path),
     }
-    run.write_summary(summary)
+    if calibrations is not None:
+        summary["calibrations"] = calibrations.hashes()
+    # The summary marks the run as finished, so it is written last.
     _plot_curves(run)
+    run.write_summary(summary)
     return summary

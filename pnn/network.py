@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .activations import get_activation
-from .errors import ConfigError, PnnError
+from .errors import ConfigError, MeasurementError, PnnError
 from .nodes import ErrorSite, Node, NodeState, ParameterSpec
 
 __all__ = ["PhysicalNetwork", "DigitalLinear", "Encoder", "Readout"]
@@ -267,6 +267,9 @@ class PhysicalNetwork:
                 )
         self.nodes = nodes
         self._states: list[NodeState] | None = None
+        #: Perturbations actually added in the last :meth:`forward`, by node position, each of
+        #: shape (batch, n_out); empty when that pass had none.
+        self.applied_perturbations: dict[int, np.ndarray] = {}
 
     @property
     def n_in(self) -> int:
@@ -297,15 +300,85 @@ class PhysicalNetwork:
         """Positions of the nodes that have trainable parameters."""
         return [i for i, node in enumerate(self.nodes) if node.trainable]
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """Run every node in order, measure each one's state, and return the last outputs."""
+    def forward(self, x: np.ndarray, perturbations: Mapping[int, np.ndarray] | None = None) -> np.ndarray:
+        """Run every node in order, measure each one's state, and return the last outputs.
+
+        Parameters
+        ----------
+        x
+            Inputs of the first node, array of shape (batch, n_in).
+        perturbations
+            Optional additive perturbations of node outputs, by node position (node perturbation
+            uses them). Each is an array of shape (batch, n_out) or (n_out,) of that node, added
+            to the node's measured outputs before they reach the next node. The sum is clipped
+            into the next node's input range, and the values actually added are stored in
+            :attr:`applied_perturbations`. Each node's own measured state stays unperturbed.
+            On hardware this addition is digital, in the host between two nodes, or an analog
+            adder (a DAC summed into the next node's input) where the signal does not pass
+            through the host.
+
+        Raises
+        ------
+        MeasurementError
+            If a node other than the last measures a NaN or infinite output (an overrange
+            reading, say): the nodes after it do not run, because no instrument may be sent an
+            invalid value. :attr:`states` then ends with that node's state.
+        """
+        checked = self._check_perturbations(perturbations, np.shape(x)[0] if np.ndim(x) == 2 else 0)
         signal = x
         states = []
-        for node in self.nodes:
+        applied: dict[int, np.ndarray] = {}
+        last = len(self.nodes) - 1
+        for position, node in enumerate(self.nodes):
             signal = node.forward(signal)
-            states.append(node.measure_state())
+            state = node.measure_state()
+            states.append(state)
+            if position < last and not np.all(np.isfinite(signal)):
+                self._states = states
+                raise MeasurementError(
+                    f"invalid measurement, batch rejected: node {node.name!r}: {node.describe_invalid(state)}"
+                )
+            if position in checked:
+                signal, applied[position] = self._perturb(position, signal, checked[position])
         self._states = states
+        self.applied_perturbations = applied
         return signal
+
+    def _check_perturbations(self, perturbations: Mapping[int, np.ndarray] | None, batch: int) -> dict[int, np.ndarray]:
+        if not perturbations:
+            return {}
+        checked = {}
+        for position, value in perturbations.items():
+            if not (isinstance(position, (int, np.integer)) and 0 <= position < len(self.nodes)):
+                raise ConfigError(
+                    f"perturbation given for node position {position!r}; positions run from 0 to {len(self.nodes) - 1}"
+                )
+            node = self.nodes[position]
+            array = np.asarray(value, dtype=np.float64)
+            if array.shape not in ((batch, node.n_out), (node.n_out,)):
+                raise ConfigError(
+                    f"perturbation of node {node.name!r} has shape {array.shape}; expected ({batch}, {node.n_out}) "
+                    f"or ({node.n_out},)"
+                )
+            if not np.all(np.isfinite(array)):
+                raise ConfigError(f"perturbation of node {node.name!r} contains NaN or infinite values")
+            checked[int(position)] = array
+        return checked
+
+    def _perturb(self, position: int, signal: np.ndarray, perturbation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Add a perturbation to a node's outputs; return the new signal and what was added."""
+        signal = np.asarray(signal, dtype=np.float64)
+        perturbed = signal + perturbation
+        if position + 1 < len(self.nodes):
+            # The next node rejects inputs outside its range, so the sum stays inside it.
+            spec = self.nodes[position + 1].input_spec
+            clipped = np.clip(perturbed, spec.lower_array, spec.upper_array)
+            n_clipped = int(np.count_nonzero(clipped != perturbed))
+            if n_clipped:
+                log.debug("node %r: %d perturbed output(s) clipped into the next node's input range",
+                          self.nodes[position].name, n_clipped)
+            perturbed = clipped
+        return perturbed, perturbed - np.broadcast_to(signal, perturbed.shape)
 
     @property
     def states(self) -> list[NodeState]:
@@ -317,16 +390,29 @@ class PhysicalNetwork:
     def invalid_reason(self) -> str | None:
         """Return why the last forward pass must not be used for an update, or None."""
         for node, state in zip(self.nodes, self.states):
-            reason = state.invalid_reason()
+            reason = node.describe_invalid(state)
             if reason is not None:
                 return f"node {node.name!r}: {reason}"
         return None
 
     def predict(self, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
-        """Return the outputs for many examples, in batches; states are not kept."""
+        """Return the outputs for many examples, in batches; states are not kept.
+
+        An example whose signal becomes NaN or infinite at some node (an overrange reading)
+        is not sent to the nodes after it, and its outputs are NaN; the other examples of the
+        batch go on.
+        """
         outputs = []
         for start in range(0, len(x), batch_size):
-            outputs.append(self.forward(x[start : start + batch_size]))
+            signal = np.asarray(x[start : start + batch_size])
+            valid = np.ones(len(signal), dtype=bool)
+            for node in self.nodes:
+                out = np.full((len(signal), node.n_out), np.nan)
+                if valid.any():
+                    out[valid] = node.forward(signal[valid])
+                valid &= np.all(np.isfinite(out), axis=1)
+                signal = out
+            outputs.append(signal)
         self._states = None
         return np.concatenate(outputs, axis=0)
 
@@ -355,13 +441,21 @@ class PhysicalNetwork:
         for node in self.nodes:
             node.load_state_dict(state[node.name])
 
-    def apply_safe_state(self) -> None:
-        """Apply every node's safe state; a failure on one node does not stop the others."""
+    def apply_safe_state(self) -> list[tuple[str, BaseException]]:
+        """Apply every node's safe state; a failure on one node does not stop the others.
+
+        Returns the (node name, exception) of every node whose safe state failed, each also
+        logged; an empty list when all went safe.
+        """
+        failures = []
         for node in self.nodes:
             try:
                 node.apply_safe_state()
-            except Exception:  # noqa: BLE001 - every node must get its chance to go safe
-                log.exception("node %r: applying the safe state failed", node.name)
+            except Exception as exc:  # noqa: BLE001 - every node must get its chance to go safe
+                log.error("node %r: applying the safe state failed: %s", node.name, exc,
+                          exc_info=log.isEnabledFor(logging.DEBUG))
+                failures.append((node.name, exc))
+        return failures
 
     def close(self) -> None:
         """Close every node."""

@@ -19,6 +19,7 @@ Conventions shared by all nodes:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from abc import ABC, abstractmethod
@@ -121,13 +122,15 @@ class ParameterSpec:
                 f"[{lower.min():g}, {upper.max():g}] {self.unit}"
             )
 
-    # Scalar views of the limits, for messages and for kernels that take one range.
-    @property
+    # Scalar views of the limits, for messages and for kernels that take one range. They are
+    # computed once, because instrument nodes read them several times per update; the broadcast
+    # views are read-only, so sharing them is safe.
+    @functools.cached_property
     def lower_array(self) -> np.ndarray:
         """Lower limit broadcast to ``shape``."""
         return np.broadcast_to(np.asarray(self.lower, dtype=np.float64), self.shape)
 
-    @property
+    @functools.cached_property
     def upper_array(self) -> np.ndarray:
         """Upper limit broadcast to ``shape``."""
         return np.broadcast_to(np.asarray(self.upper, dtype=np.float64), self.shape)
@@ -142,7 +145,11 @@ class ParameterSpec:
 
     def tolerance(self) -> float:
         """Slack allowed at the limits for floating-point rounding (1e-6 of the span)."""
-        span = float(np.max(self.upper_array - self.lower_array))
+        lower, upper = np.asarray(self.lower), np.asarray(self.upper)
+        if lower.ndim == 0 and upper.ndim == 0:
+            span = float(upper - lower)
+        else:
+            span = float(np.max(self.upper_array - self.lower_array))
         return 1e-6 * max(span, 1e-12)
 
     def check_shape(self, values: Any, where: str) -> np.ndarray:
@@ -199,6 +206,44 @@ class ParameterSpec:
             )
         log.debug("%s: limited %d change(s) to +-%g %s (worst %g)", where, n_big, self.max_step, self.unit, worst)
         return np.clip(delta, -self.max_step, self.max_step)
+
+    def check_update(
+        self, current: np.ndarray, delta: np.ndarray, where: str, *, clip: bool = False
+    ) -> tuple[np.ndarray, int]:
+        """Return the change allowed by ``max_step`` and the limits, and how many were clipped.
+
+        ``current`` and ``delta`` are float64 arrays of this shape (``delta`` already checked
+        by :meth:`check_shape`). Raises LimitError like :meth:`check_step` and
+        :meth:`check_range` when ``clip`` is false; nothing is returned then.
+        """
+        lower, upper = np.asarray(self.lower), np.asarray(self.upper)
+        if lower.ndim or upper.ndim:
+            # Per-element limits: the general NumPy path.
+            limited = self.check_step(delta, where, clip=clip)
+            target = self.check_range(current + limited, where, clip=clip)
+            return target - current, int(np.count_nonzero(target != current + delta))
+        from ._validation_kernels import update_check_kernel  # noqa: PLC0415 - loads Numba on first use
+
+        out = np.empty(delta.size)
+        n_step, n_range, n_changed, worst_step, worst_target = update_check_kernel(
+            np.ascontiguousarray(current, dtype=np.float64).reshape(-1), np.ascontiguousarray(delta).reshape(-1),
+            float(lower), float(upper), float(self.max_step), self.tolerance(), clip, out,
+        )
+        if not clip and n_step:
+            raise LimitError(
+                f"{where}: {n_step} change(s) larger than the maximum change per update "
+                f"{self.max_step:g} {self.unit}, for example {worst_step:g}; lower the learning rate, "
+                "or pass clip=True to limit each change (every clip is logged)"
+            )
+        if not clip and n_range:
+            raise LimitError(
+                f"{where}: {n_range} value(s) outside the allowed range {self.range_text()}, "
+                f"for example {worst_target:g}; send values inside the range, or pass clip=True "
+                "to clip them (every clip is logged)"
+            )
+        if n_changed:
+            log.debug("%s: clipped %d change(s) to the step limit and range %s", where, n_changed, self.range_text())
+        return out.reshape(self.shape), int(n_changed)
 
     def quantize(self, values: np.ndarray) -> np.ndarray:
         """Round ``values`` to the nearest level ``lower + k * resolution`` inside the limits."""
@@ -279,6 +324,9 @@ class Node(ABC):
     has_input_gradient: bool = False
     #: True when :meth:`local_gradient` accepts errors at the pre-activation.
     has_preactivation: bool = False
+    #: True when the node relaxes to an equilibrium and offers ``settle(inputs, nudge=None)``,
+    #: which returns the free or weakly clamped equilibrium state for equilibrium propagation.
+    can_settle: bool = False
 
     def __init__(
         self,
@@ -376,6 +424,13 @@ class Node(ABC):
             raise PnnError(f"{self._where()}: no forward pass yet, so there is no state to measure")
         return self._state
 
+    def describe_invalid(self, state: NodeState) -> str | None:
+        """Return why ``state`` must not be used for an update, or None if it is valid.
+
+        Nodes that know where a reading came from (an instrument channel) add that.
+        """
+        return state.invalid_reason()
+
     @abstractmethod
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """Run the device on validated inputs; return (outputs, inputs as applied, probes)."""
@@ -424,16 +479,24 @@ class Node(ABC):
         self._check_open()
         current = self._read_parameters()
         targets = {}
+        for name, request in self._checked_requests(current, delta, clip).items():
+            targets[name] = self.parameters[name].quantize(current[name] + request)
+        applied = self._write_parameters(targets)
+        return {name: applied[name] - current[name] for name in applied}
+
+    def _checked_requests(
+        self, current: Mapping[str, np.ndarray], delta: Mapping[str, Any], clip: bool
+    ) -> dict[str, np.ndarray]:
+        """Check every requested change before anything is written; return the allowed changes."""
+        requests = {}
         for name, value in self._known(delta).items():
             spec = self.parameters[name]
             step = spec.check_shape(value, self._where(name))
-            limited = spec.check_step(step, self._where(name), clip=clip)
-            target = spec.check_range(current[name] + limited, self._where(name), clip=clip)
-            if clip:
-                self._count_clips(name, current[name] + step, target)
-            targets[name] = spec.quantize(target)
-        applied = self._write_parameters(targets)
-        return {name: applied[name] - current[name] for name in applied}
+            request, clipped = spec.check_update(np.asarray(current[name], dtype=np.float64), step, self._where(name), clip=clip)
+            if clipped:
+                self.limit_events[name] += clipped
+            requests[name] = request
+        return requests
 
     def _known(self, values: Mapping[str, Any]) -> Mapping[str, Any]:
         if not isinstance(values, Mapping):
@@ -574,3 +637,20 @@ class Node(ABC):
     def __repr__(self) -> str:
         params = ", ".join(f"{k}{v.shape}" for k, v in self.parameters.items()) or "no parameters"
         return f"<{type(self).__name__} {self.name!r}: {self.n_in} -> {self.n_out}, {params}>"
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """Show the node's limits and units in IPython, one line per signal and parameter."""
+        if cycle:
+            printer.text(repr(self))
+            return
+        output_unit = "" if self.output_unit in ("", "1") else f" in {self.output_unit}"
+        lines = [
+            repr(self),
+            f"  gradient   {self.gradient_method}",
+            f"  inputs     {self.n_in} channel(s) in {self.input_spec.range_text()}",
+            f"  outputs    {self.n_out} channel(s){output_unit}",
+        ]
+        for name, spec in self.parameters.items():
+            step = f", step {spec.resolution:g}" if spec.resolution else ""
+            lines.append(f"  parameter  {name} {spec.shape} in {spec.range_text()}{step}")
+        printer.text("\n".join(lines))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+
+from .runs import atomic_write_bytes  # noqa: E402
 
 __all__ = ["plot_training_curves"]
 
@@ -32,6 +35,9 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path) ->
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy")
     ax_acc.legend()
-    fig.savefig(path, dpi=120)
+    # Through memory and an atomic rename, so a killed run never leaves half a PNG.
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
     return path

@@ -7,16 +7,24 @@ Layout of a run folder::
     metrics.jsonl    one JSON object per line: a "step" record per batch, an "epoch" record per
                      epoch; appended and flushed as training goes
     checkpoint.npz   the latest checkpoint, replaced atomically (temporary file, fsync, rename)
-    summary.json     final accuracies and timings, written atomically when the run ends
+    curves.png       loss and accuracy per epoch, drawn when the run ends (needs matplotlib)
+    summary.json     final accuracies and timings, written atomically last, when the run ends
 
 A checkpoint stores how many metrics lines existed when it was written; resuming truncates the
 log to that length, so the log never holds steps that the resumed state has not seen.
+
+Killing the process at any moment (SIGKILL included) leaves a folder that ``--resume`` continues:
+every file but the metrics log is replaced atomically, so it holds either its old or its new
+content, and the metrics log may end in a torn line, which resuming drops together with any
+line written after the checkpoint. Temporary files of an interrupted write are removed when the
+folder is opened again.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tempfile
 import time
@@ -27,7 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, PnnError
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["RunDir", "save_tree", "load_tree", "atomic_write_bytes", "atomic_write_json"]
 
@@ -132,15 +142,30 @@ def load_tree(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise ConfigError(f"checkpoint {path} not found; check the run folder") from None
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise PnnError(f"checkpoint {path} is unreadable ({exc}); resume from an earlier run folder or start anew") from None
+        # np.load takes any file that is not a zip archive for a pickle, hence its odd messages.
+        raise ConfigError(
+            f"checkpoint {path} is damaged or not a NumPy .npz file ({type(exc).__name__}); "
+            "resume from a copy of the run folder, or start the run again"
+        ) from None
     if "__tree__" not in arrays:
-        raise PnnError(f"checkpoint {path} has no state tree; it was not written by pnn")
-    skeleton = json.loads(arrays.pop("__tree__").tobytes().decode())
+        raise ConfigError(f"checkpoint {path} has no state tree, so pnn did not write it; start the run again")
+    try:
+        skeleton = json.loads(arrays.pop("__tree__").tobytes().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"checkpoint {path} has a damaged state tree ({exc}); start the run again") from None
     return _join_tree(skeleton, arrays)
 
 
 # ---------------------------------------------------------------------------- run folder
+def _remove_temporary_files(path: Path) -> None:
+    """Delete what :func:`atomic_write_bytes` leaves when its process is killed mid-write."""
+    for leftover in path.glob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
+
+
 class RunDir:
     """One run's folder. Use :meth:`create` for a new run and :meth:`open` to resume one."""
 
@@ -166,28 +191,39 @@ class RunDir:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"cannot create the run folder {path}: {exc.strerror}; choose another --out") from None
+        # A run killed while writing its configuration leaves only temporary files behind.
+        _remove_temporary_files(path)
         run = cls(path)
         atomic_write_json(path / CONFIG, dict(config))
         return run
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> RunDir:
-        """Open an existing run folder for resuming."""
+        """Open an existing run folder for resuming, removing temporary files of interrupted writes."""
         path = Path(path)
         if not (path / CONFIG).is_file():
             raise ConfigError(f"{path} is not a run folder (no {CONFIG}); pass the folder a run wrote with --out")
+        _remove_temporary_files(path)
         return cls(path)
 
     def read_config(self) -> dict[str, Any]:
-        """Return the configuration the run was started with."""
+        """Return the contents of ``config.json``: the configuration under ``"config"``, and run details."""
+        path = self.path / CONFIG
         try:
-            return json.loads((self.path / CONFIG).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{self.path / CONFIG} is unreadable ({exc})") from None
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path} is unreadable ({exc}); restore it from a copy of the run folder") from None
+        if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict):
+            raise ConfigError(f"{path} has no \"config\" table, so pnn did not write it; restore it from a copy of the run folder")
+        return stored
 
     def write_identity(self, identity: Any) -> None:
         """Record the identity of every node used."""
         atomic_write_json(self.path / IDENTITY, identity)
+
+    def has_identity(self) -> bool:
+        """True when the folder contains the nodes' identity record."""
+        return (self.path / IDENTITY).is_file()
 
     # metrics ------------------------------------------------------------------------
     def _metrics_file(self):
@@ -201,10 +237,12 @@ class RunDir:
         handle.write(json.dumps(record, default=_json_default) + "\n")
         handle.flush()
 
-    def metrics_lines(self) -> int:
-        """Number of complete lines in the metrics log."""
+    def metrics_lines(self, *, sync: bool = False) -> int:
+        """Number of complete lines in the metrics log; ``sync`` also writes them to disk first."""
         if self._metrics is not None:
             self._metrics.flush()
+            if sync:
+                os.fsync(self._metrics.fileno())
         path = self.path / METRICS
         if not path.exists():
             return 0
@@ -223,6 +261,10 @@ class RunDir:
                 if len(kept) == lines or not line.endswith(b"\n"):
                     break
                 kept.append(line)
+        if len(kept) < lines:
+            # Only a crash of the machine (not of the process) loses lines the checkpoint counted.
+            log.warning("%s contains %d complete line(s), fewer than the %d the checkpoint counted; "
+                        "the missing ones were lost", path, len(kept), lines)
         atomic_write_bytes(path, b"".join(kept))
 
     def read_metrics(self) -> list[dict[str, Any]]:
@@ -232,9 +274,13 @@ class RunDir:
             return []
         records = []
         with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                if line.endswith("\n"):
+            for number, line in enumerate(handle, start=1):
+                if not line.endswith("\n"):
+                    continue
+                try:
                     records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ConfigError(f"{path} line {number} is not valid JSON ({exc}); the file was changed or damaged") from None
         return records
 
     # checkpoints --------------------------------------------------------------------
@@ -242,7 +288,8 @@ class RunDir:
         """Write a checkpoint atomically; it records the current metrics log length."""
         tree = dict(state)
         tree["checkpoint_version"] = CHECKPOINT_VERSION
-        tree["metrics_lines"] = self.metrics_lines()
+        # The lines the checkpoint counts reach the disk before the checkpoint does.
+        tree["metrics_lines"] = self.metrics_lines(sync=True)
         tree["saved_at"] = time.time()
         save_tree(self.path / CHECKPOINT, tree)
 
@@ -255,7 +302,7 @@ class RunDir:
         tree = load_tree(self.path / CHECKPOINT)
         version = tree.get("checkpoint_version")
         if version != CHECKPOINT_VERSION:
-            raise PnnError(
+            raise ConfigError(
                 f"checkpoint {self.path / CHECKPOINT} has layout version {version}, this pnn reads "
                 f"version {CHECKPOINT_VERSION}; resume it with the pnn version that wrote it"
             )
@@ -272,7 +319,10 @@ class RunDir:
         path = self.path / SUMMARY
         if not path.exists():
             return None
-        return json.loads(path.read_text())
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path} is unreadable ({exc}); the run finished, so start a new one") from None
 
     def close(self) -> None:
         """Close the metrics log."""

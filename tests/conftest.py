@@ -8,6 +8,7 @@ those tests fail with a message saying what to set; they never skip silently.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,3 +39,13 @@ def mnist_dir(shared_data_dir: Path) -> Path:
 def rng() -> np.random.Generator:
     """A fresh seeded generator per test."""
     return np.random.default_rng(1234)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Print the fault-injection suite's summary line per fault kind, when its tests ran."""
+    module = sys.modules.get("tests.test_faults")
+    lines = getattr(module, "FAULT_SUMMARY", [])
+    if lines:
+        terminalreporter.section("fault-injection suite")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -174,7 +174,7 @@ def test_pat_needs_no_model_before_first_trainable_node():
 
 def test_rules_take_no_options():
     for name in ("bp", "pat"):
-        with pytest.raises(ConfigError, match=f"rule '{name}' has no option.*lr; its options are: none"):
+        with pytest.raises(ConfigError, match=f"rule '{name}': invalid option.*lr; its options are: none"):
             make_rule(name, lr=0.1)
 
 

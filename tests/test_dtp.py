@@ -140,7 +140,7 @@ def test_inverses_checkpoint_and_resume(tmp_path):
 
 
 def test_bad_options_are_named():
-    with pytest.raises(ConfigError, match="rule 'dtp' has no option.*inverse_rate; its options are: target_step"):
+    with pytest.raises(ConfigError, match="rule 'dtp': invalid option.*inverse_rate; its options are: target_step"):
         make_rule("dtp", inverse_rate=0.1)
     with pytest.raises(ConfigError, match="rule 'dtp': unknown inverse 'relu'; choose one of linear, tanh"):
         make_rule("dtp", inverse="relu")

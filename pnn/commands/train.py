@@ -65,6 +65,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                           help="override one device setting, for example read_noise_std=0.05 or disabled=dac,adc; repeatable")
     hardware.add_argument("--station", metavar="FILE", help="station file (TOML) of instrument nodes to train instead of a simulator")
 
+    calibration = parser.add_argument_group("calibration")
+    calibration.add_argument("--calibrations", metavar="DIR",
+                             help="calibration store folder (default: calibrations/ next to the station file)")
+    calibration.add_argument("--calibration", choices=("use", "require", "off"),
+                             help="calibration records of physical nodes: use the ones that exist, require one per "
+                                  "node, or off (default: use)")
+    calibration.add_argument("--allow-expired-calibration", action="store_true", default=None,
+                             help="use an expired calibration record when no valid one exists (logged)")
+    calibration.add_argument("--allow-identity-mismatch", action="store_true", default=None,
+                             help="use a calibration record made for another device identity (logged)")
+    calibration.add_argument("--twin-gradients", action="store_true", default=None,
+                             help="compute the gradients of calibrated nodes through their digital twins")
+    calibration.add_argument("--drift-check", type=int, metavar="EPOCHS",
+                             help="check calibrated nodes for drift every EPOCHS epochs (default: 0, never)")
+    calibration.add_argument("--drift-action", choices=("recalibrate", "pause", "warn"),
+                             help="what a drift check does when a node is out of tolerance (default: recalibrate)")
+
     learning = parser.add_argument_group("learning")
     learning.add_argument("--rule", metavar="NAME", help=f"learning rule: {', '.join(RULE_NAMES)} (default: dfa)")
     learning.add_argument("--feedback", choices=FEEDBACK_NAMES, help="feedback path of the alignment rules (default: random)")
@@ -94,8 +111,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--out", metavar="DIR", help="run folder (default: runs/<date>-<time>-<dataset>-<rule>)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint; takes its settings from the folder")
     run.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="extra checkpoint every STEPS updates (default: end of each epoch)")
+    run.add_argument("--checkpoint-interval", type=float, metavar="S", dest="checkpoint_interval_s",
+                     help="extra checkpoint when S seconds have passed since the last one; 0 turns it off (default: 60)")
     run.add_argument("--max-consecutive-invalid", type=int, metavar="N",
-                     help="stop after N rejected batches in a row (default: 10)")
+                     help="stop after N batches in a row without an update, from invalid measurements or instrument faults (default: 10)")
+    run.add_argument("--retry-backoff", type=float, metavar="S", dest="retry_backoff_s",
+                     help="pause after an instrument fault before trying the batch again, in seconds, doubled per fault in a row up to 30 s (default: 0.5)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--json", action="store_true", help="print the run summary as JSON after the accuracy line")
     add_common_options(parser)
@@ -107,7 +128,9 @@ _FIELDS = (
     "dataset", "data_dir", "download", "n_train", "n_test", "device", "preset", "station", "rule",
     "feedback", "hidden", "activation", "epochs", "batch_size", "lr", "optimizer", "momentum",
     "weight_decay", "lr_schedule", "loss", "clip_updates", "seed", "out", "checkpoint_every",
-    "max_consecutive_invalid", "log_alignment",
+    "checkpoint_interval_s", "max_consecutive_invalid", "retry_backoff_s", "calibrations", "calibration",
+    "allow_expired_calibration", "allow_identity_mismatch", "twin_gradients", "drift_check", "drift_action",
+    "log_alignment",
 )
 
 

@@ -13,6 +13,12 @@ from .dtp import DTP
 from .fa import FA
 from .ifa import IFA
 from .pat import PhysicsAwareTraining
+from .local_losses import LocalContrast, LocalDirect, LocalPredict, LocalPseudo, LocalReconstruction
+from .mgd import MGD
+from .node_perturbation import NodePerturbation
+from .weight_perturbation import SPSA, WeightPerturbation
+from .ep import CoupledLearning, EquilibriumPropagation
+from .noprop import NoPropCT, NoPropDT, NoPropFM
 from .losses import LOSSES, CrossEntropy, Loss, MeanSquaredError, get_loss, one_hot
 from .optim import OPTIMIZERS, SGD, Adam, Optimizer, lr_at_epoch, make_optimizer
 
@@ -34,6 +40,20 @@ __all__ = [
     "IFA",
     "ADFA",
     "DTP",
+    "WeightPerturbation",
+    "SPSA",
+    "MGD",
+    "NodePerturbation",
+    "LocalDirect",
+    "LocalReconstruction",
+    "LocalContrast",
+    "LocalPredict",
+    "LocalPseudo",
+    "EquilibriumPropagation",
+    "CoupledLearning",
+    "NoPropDT",
+    "NoPropCT",
+    "NoPropFM",
     "LOSSES",
     "CrossEntropy",
     "Loss",

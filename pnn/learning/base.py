@@ -22,6 +22,7 @@ from ..errors import ConfigError, MeasurementError
 from ..network import PhysicalNetwork
 from ..nodes import Node
 from .losses import Loss
+from .optim import Optimizer
 
 __all__ = [
     "LearningRule",
@@ -39,12 +40,24 @@ NodeFactory = Callable[[int, int, str, str], Node]
 
 @dataclass
 class RuleContext:
-    """What a rule may use besides the network: randomness, the loss and the device factory."""
+    """What a rule may use besides the network: randomness, the loss and the device factory.
+
+    ``batch_indices`` holds the positions in the training set of the batch being computed, set
+    by the controller before each step (None outside training); rules that keep a state per
+    example (equilibrium propagation's persistent states) key it by these.
+
+    ``optimizers`` are the controller's, by node position. A rule that updates nodes outside
+    the network's own list (in worker processes, for example) copies their settings and reads
+    the current learning rate from them. ``clip_updates`` is the controller's clipping setting.
+    """
 
     rng: np.random.Generator
     loss: Loss
     n_classes: int
     node_factory: NodeFactory | None = None
+    batch_indices: np.ndarray | None = None
+    optimizers: Mapping[int, Optimizer] = field(default_factory=dict)
+    clip_updates: bool = True
 
 
 @dataclass
@@ -122,22 +135,36 @@ def register_rule(cls: type[LearningRule]) -> type[LearningRule]:
     return cls
 
 
+def _accepted_options(cls: type) -> list[str]:
+    """Return the keyword options a rule class takes, including those its ``**options`` passes on."""
+    accepted: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        passes_on = False
+        for parameter in inspect.signature(klass.__init__).parameters.values():
+            if parameter.kind == inspect.Parameter.VAR_KEYWORD:
+                passes_on = True
+            elif parameter.name != "self" and parameter.kind != inspect.Parameter.VAR_POSITIONAL:
+                if parameter.name not in accepted:
+                    accepted.append(parameter.name)
+        # A constructor without **options hands nothing further up.
+        if not passes_on:
+            break
+    return accepted
+
+
 def make_rule(name: str, **options: Any) -> LearningRule:
     """Return a new rule called ``name`` with ``options``; unknown names or options raise."""
     try:
         cls = RULES[name]
     except KeyError:
         raise ConfigError(f"unknown rule {name!r}; choose one of {', '.join(sorted(RULES))}") from None
-    accepted = [
-        parameter.name
-        for parameter in inspect.signature(cls.__init__).parameters.values()
-        if parameter.name != "self"
-        and parameter.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-    ]
+    accepted = _accepted_options(cls)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         valid = ", ".join(accepted) if accepted else "none"
-        raise ConfigError(f"rule {name!r} has no option(s) {', '.join(unknown)}; its options are: {valid}")
+        raise ConfigError(f"rule {name!r}: invalid option(s) {', '.join(unknown)}; its options are: {valid}")
     try:
         return cls(**options)
     except TypeError as exc:

@@ -14,8 +14,16 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from . import _optim_kernels as kernels
 
 __all__ = ["Optimizer", "SGD", "Adam", "make_optimizer", "OPTIMIZERS", "lr_at_epoch", "LR_SCHEDULES"]
+
+
+_EMPTY = np.zeros(0)
+
+
+def _flat(values: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
 
 
 class Optimizer:
@@ -52,21 +60,23 @@ class SGD(Optimizer):
     def step(self, gradients: Mapping[str, np.ndarray], params: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         updates = {}
         for name, grad in gradients.items():
-            if self.weight_decay and params is not None:
-                grad = grad + self.weight_decay * params[name]
-            if self.momentum:
-                v = self.velocity.get(name)
-                v = grad.copy() if v is None else self.momentum * v + grad
-                self.velocity[name] = v
-                grad = v
-            updates[name] = -self.lr * grad
+            grad = np.ascontiguousarray(grad, dtype=np.float64)
+            first = name not in self.velocity
+            if first:
+                self.velocity[name] = np.zeros_like(grad)
+            decay = self.weight_decay if params is not None else 0.0
+            flat_params = _flat(params[name]) if decay else _EMPTY
+            step = kernels.momentum_kernel(
+                grad.reshape(-1), self.velocity[name].reshape(-1), flat_params, self.lr, self.momentum, decay, first
+            )
+            updates[name] = step.reshape(grad.shape)
         return updates
 
     def state_dict(self) -> dict[str, Any]:
         return {"velocity": {k: v.copy() for k, v in self.velocity.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.velocity = {k: np.array(v) for k, v in state.get("velocity", {}).items()}
+        self.velocity = {k: np.array(v, dtype=np.float64) for k, v in state.get("velocity", {}).items()}
 
 
 class Adam(Optimizer):
@@ -96,20 +106,17 @@ class Adam(Optimizer):
         correction2 = 1.0 - self.beta2**self.t
         updates = {}
         for name, grad in gradients.items():
-            m = self.m.get(name)
-            v = self.v.get(name)
-            if m is None:
-                m = np.zeros_like(grad)
-                v = np.zeros_like(grad)
-            m *= self.beta1
-            m += (1.0 - self.beta1) * grad
-            v *= self.beta2
-            v += (1.0 - self.beta2) * grad * grad
-            self.m[name], self.v[name] = m, v
-            update = -self.lr * (m / correction1) / (np.sqrt(v / correction2) + self.eps)
-            if self.weight_decay and params is not None:
-                update -= self.lr * self.weight_decay * params[name]
-            updates[name] = update
+            grad = np.ascontiguousarray(grad, dtype=np.float64)
+            if name not in self.m:
+                self.m[name] = np.zeros_like(grad)
+                self.v[name] = np.zeros_like(grad)
+            decay = self.weight_decay if params is not None else 0.0
+            flat_params = _flat(params[name]) if decay else _EMPTY
+            step = kernels.adam_kernel(
+                grad.reshape(-1), self.m[name].reshape(-1), self.v[name].reshape(-1), flat_params, self.lr,
+                self.beta1, self.beta2, self.eps, correction1, correction2, decay,
+            )
+            updates[name] = step.reshape(grad.shape)
         return updates
 
     def state_dict(self) -> dict[str, Any]:
@@ -120,8 +127,8 @@ class Adam(Optimizer):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.m = {k: np.array(v) for k, v in state.get("m", {}).items()}
-        self.v = {k: np.array(v) for k, v in state.get("v", {}).items()}
+        self.m = {k: np.array(v, dtype=np.float64) for k, v in state.get("m", {}).items()}
+        self.v = {k: np.array(v, dtype=np.float64) for k, v in state.get("v", {}).items()}
         self.t = int(state.get("t", 0))
 
 

@@ -1,19 +1,25 @@
 """Simulated analog crossbar: a matrix of conductance pairs computing y = f(W x + b) in place.
 
-Model, one forward pass (the stages are named and switch off one by one, see :data:`STAGES`):
+Model, one forward pass (each imperfection is a named stage, see :data:`STAGES`):
 
 1. ``dac``: each input in [-1, 1] is quantized to a signed DAC code with ``dac_bits`` bits and
    applied as a read voltage.
 2. The array sums currents along each column. A weight is stored as a differential pair,
-   ``w = w_max * (g_plus - g_minus) / (g_max - g_min)``, so ``w`` spans [-w_max, w_max]; the
-   bias is a pair driven by a constant full-scale input and spans [-b_max, b_max].
-   ``conductance_levels``: each device is programmed to one of ``levels`` conductances.
+   ``w = w_max * (g_plus - g_minus) / (g_max - g_min)``, so ``w`` spans [-w_max, w_max]. The bias
+   is a pair driven by a constant full-scale input and spans [-b_max, b_max].
+   ``conductance_levels``: each device is programmed in pulses of one level,
+   ``(g_max - g_min) / (levels - 1)``. ``drift``: conductances decay as a power law of the time
+   since programming. ``stuck_devices``: some devices ignore every pulse.
 3. ``read_noise``: Gaussian noise with a standard deviation of ``read_noise_std`` times the ADC
    full scale is added to every column signal.
 4. ``saturation``: the ADC saturates at +-``adc_full_scale`` (in pre-activation units).
 5. ``adc``: the column signal is quantized with ``adc_bits`` bits over that range.
 6. The periphery applies the node's nonlinearity to the measured pre-activation.
 
+Programming stages: ``update_nonlinearity`` (soft bounds: a pulse moves a device less the
+closer it is to the bound it moves towards), ``update_asymmetry`` (depression pulses larger or
+smaller than potentiation pulses), ``device_variation`` (each device its own saturation
+conductance, pulse size and drift exponent) and ``cycle_variation`` (each pulse's size varies).
 With every stage off, the node is an exact linear layer followed by its nonlinearity.
 
 Updates. One training update is often smaller than one conductance level, so updates are either
@@ -23,8 +29,8 @@ Frontiers in Neuroscience 14:406), or rounded stochastically to whole levels. Ac
 better on MNIST with the default preset (97.7 % against 97.5 % test accuracy for 784-256-256-10
 DFA after 10 epochs), so it is the default.
 
-Signals and effective weights are float32 (the dtype of this module's kernels); conductances
-and update buffers are float64 so that small updates are not lost to rounding.
+Signals and effective weights are float32, the dtype of the forward kernel. Conductances and
+update buffers are float64 so that small updates are not lost to rounding.
 """
 
 from __future__ import annotations
@@ -37,11 +43,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from numba import njit
 
 from ..activations import get_activation
 from ..errors import ConfigError
 from ..nodes import ErrorSite, Node, NodeState, ParameterSpec
+from . import _crossbar_kernels as kernels
 
 __all__ = ["CrossbarConfig", "CrossbarNode", "STAGES", "CROSSBAR_PRESETS", "crossbar_preset"]
 
@@ -50,14 +56,23 @@ log = logging.getLogger(__name__)
 #: Float dtype of the crossbar's signals and effective weights.
 FLOAT = np.float32
 
-#: Imperfection stages of the crossbar, in signal order, each switched off by
-#: :meth:`CrossbarConfig.without`.
-STAGES = ("dac", "conductance_levels", "read_noise", "saturation", "adc")
-
-# Activation codes understood by the forward kernel.
-_ACTIVATION_CODES = {"linear": 0, "tanh": 1, "hardtanh": 2, "sigmoid": 3}
+#: Imperfection stages of the crossbar, each switched off by :meth:`CrossbarConfig.without`.
+STAGES = (
+    "dac",
+    "conductance_levels",
+    "read_noise",
+    "saturation",
+    "adc",
+    "update_nonlinearity",
+    "update_asymmetry",
+    "device_variation",
+    "cycle_variation",
+    "drift",
+    "stuck_devices",
+)
 
 UPDATE_MODES = ("accumulate", "stochastic")
+PROGRAMMING_SCHEMES = ("bidirectional", "potentiate-only")
 
 
 @dataclass(frozen=True)
@@ -89,8 +104,36 @@ class CrossbarConfig:
     max_pulses_per_update: int = 16
     """Largest change of one weight per update, in conductance levels; sets ``max_step``."""
     update_mode: str = "accumulate"
-    """How updates smaller than a level are applied: ``"accumulate"`` (per-device buffer,
-    programmed when it passes a level) or ``"stochastic"`` (stochastic rounding to levels)."""
+    """Treatment of updates smaller than a level: ``"accumulate"`` (per-device buffer, programmed
+    when it passes a level) or ``"stochastic"`` (stochastic rounding to levels)."""
+    programming: str = "bidirectional"
+    """Pulse scheme: ``"bidirectional"`` (devices step up and down) or ``"potentiate-only"``
+    (phase-change memory: each device only steps up, and a saturated pair is reset and
+    reprogrammed)."""
+    update_nonlinearity: float = 0.0
+    """Soft-bounds factor in [0, 1] (``update_nonlinearity``): a pulse's size shrinks linearly to
+    ``1 - update_nonlinearity`` of nominal at the bound it moves towards."""
+    update_asymmetry: float = 0.0
+    """Depression pulse size relative to potentiation, minus one (``update_asymmetry``)."""
+    g_max_dtod: float = 0.0
+    """Device-to-device spread of the saturation conductance, relative to ``g_max``
+    (``device_variation``)."""
+    step_dtod: float = 0.0
+    """Device-to-device spread of the nominal pulse size, relative (``device_variation``)."""
+    step_std: float = 0.0
+    """Cycle-to-cycle spread of each pulse's size, relative (``cycle_variation``)."""
+    drift_nu: float = 0.0
+    """Mean drift exponent nu of g(t) = g_prog (t / t_drift_ref) ** -nu (``drift``)."""
+    drift_nu_dtod: float = 0.0
+    """Device-to-device spread of the drift exponent, absolute (``device_variation``)."""
+    t_drift_ref: float = 20.0
+    """Time after programming at which a device has its programmed conductance, in seconds."""
+    t_per_batch: float = 0.0
+    """Simulated time that one forward pass takes, in seconds (drift clock)."""
+    stuck_fraction: float = 0.0
+    """Fraction of devices that ignore every pulse (``stuck_devices``)."""
+    stuck_high_fraction: float = 0.5
+    """Share of the stuck devices stuck at ``g_max``; the others stay at ``g_min``."""
     disabled: frozenset[str] = field(default_factory=frozenset)
     """Names of the stages switched off, from :data:`STAGES`."""
 
@@ -103,13 +146,12 @@ class CrossbarConfig:
             raise ConfigError(
                 f"crossbar conductances need 0 < g_min < g_max, got g_min={self.g_min} and g_max={self.g_max} uS"
             )
-        for name in ("levels",):
-            if int(getattr(self, name)) < 2:
-                raise ConfigError(f"crossbar {name} must be at least 2, got {getattr(self, name)}")
+        if int(self.levels) < 2:
+            raise ConfigError(f"crossbar levels must be at least 2, got {self.levels}")
         for name in ("dac_bits", "adc_bits"):
             if not 2 <= int(getattr(self, name)) <= 24:
                 raise ConfigError(f"crossbar {name} must be between 2 and 24, got {getattr(self, name)}")
-        for name in ("adc_full_scale", "w_max_scale", "b_max"):
+        for name in ("adc_full_scale", "w_max_scale", "b_max", "t_drift_ref"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"crossbar {name} must be a positive number, got {value}")
@@ -117,12 +159,24 @@ class CrossbarConfig:
             math.isfinite(self.output_full_scale) and self.output_full_scale > 0
         ):
             raise ConfigError(f"crossbar output_full_scale must be positive or None, got {self.output_full_scale}")
-        if not (math.isfinite(self.read_noise_std) and self.read_noise_std >= 0):
-            raise ConfigError(f"crossbar read_noise_std must be >= 0, got {self.read_noise_std}")
+        for name in ("read_noise_std", "g_max_dtod", "step_dtod", "step_std", "drift_nu", "drift_nu_dtod", "t_per_batch"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"crossbar {name} must be a number >= 0, got {value}")
+        for name in ("update_nonlinearity", "stuck_fraction", "stuck_high_fraction"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                raise ConfigError(f"crossbar {name} must lie in [0, 1], got {value}")
+        if not -1 < self.update_asymmetry < 10:
+            raise ConfigError(f"crossbar update_asymmetry must lie in (-1, 10), got {self.update_asymmetry}")
         if int(self.max_pulses_per_update) < 1:
             raise ConfigError(f"crossbar max_pulses_per_update must be >= 1, got {self.max_pulses_per_update}")
         if self.update_mode not in UPDATE_MODES:
             raise ConfigError(f"crossbar update_mode must be one of {UPDATE_MODES}, got {self.update_mode!r}")
+        if self.programming not in PROGRAMMING_SCHEMES:
+            raise ConfigError(
+                f"crossbar programming must be one of {PROGRAMMING_SCHEMES}, got {self.programming!r}"
+            )
 
     def without(self, *stages: str) -> CrossbarConfig:
         """Return a copy with the named stages switched off (``"all"`` for every stage)."""
@@ -130,7 +184,7 @@ class CrossbarConfig:
         return dataclasses.replace(self, disabled=self.disabled | names)
 
     def enabled(self, stage: str) -> bool:
-        """True when ``stage`` is switched on."""
+        """True when ``stage`` is switched on (its settings may still make it do nothing)."""
         return stage not in self.disabled
 
     def replace(self, **changes: Any) -> CrossbarConfig:
@@ -141,11 +195,49 @@ class CrossbarConfig:
             raise ConfigError(f"unknown crossbar setting(s) {unknown}; the settings are {', '.join(sorted(known))}")
         return dataclasses.replace(self, **changes)
 
+    def active(self, stage: str) -> bool:
+        """True when ``stage`` is on and its settings change the device's behaviour."""
+        if not self.enabled(stage):
+            return False
+        amounts = {
+            "read_noise": self.read_noise_std,
+            "update_nonlinearity": self.update_nonlinearity,
+            "update_asymmetry": self.update_asymmetry,
+            "device_variation": self.g_max_dtod + self.step_dtod + self.drift_nu_dtod,
+            "cycle_variation": self.step_std,
+            "drift": self.drift_nu,
+            "stuck_devices": self.stuck_fraction,
+        }
+        return amounts.get(stage, 1.0) != 0
 
-#: Named crossbar presets. ``default`` is a realistic analog array (8-bit DAC and ADC, 64 levels
-#: per device, 2 % read noise, saturation at full scale); ``ideal`` switches every stage off.
+
+#: Named crossbar presets.
+#:
+#: - ``default``: a realistic analog array: 8-bit DAC and ADC, 64 levels per device, read noise of
+#:   2 % of full scale, saturation at full scale, linear and symmetric devices.
+#: - ``pcm``: phase-change memory programmed with SET pulses only. The drift exponent
+#:   (mean 0.049, spread 0.008 across devices, defined 20 s after programming) and the 25 uS
+#:   maximum conductance are the values of the PCM model fitted to a one-million-device array in
+#:   Joshi et al. 2020, "Accurate deep neural network inference using computational phase-change
+#:   memory", Nature Communications 11:2473 (at high target conductance). The one simulated second
+#:   per batch is an assumption.
+#: - ``ideal``: every stage off.
 CROSSBAR_PRESETS: dict[str, CrossbarConfig] = {
     "default": CrossbarConfig(),
+    "pcm": CrossbarConfig(
+        g_min=0.1,
+        g_max=25.0,
+        programming="potentiate-only",
+        # NOTE: typical values for PCM SET pulses, not fitted to a published device.
+        update_nonlinearity=0.5,
+        step_dtod=0.1,
+        step_std=0.3,
+        g_max_dtod=0.05,
+        drift_nu=0.049,
+        drift_nu_dtod=0.008,
+        t_drift_ref=20.0,
+        t_per_batch=1.0,
+    ),
     "ideal": CrossbarConfig().without("all"),
 }
 
@@ -160,107 +252,6 @@ def crossbar_preset(name: str) -> CrossbarConfig:
         ) from None
 
 
-# --------------------------------------------------------------------------------- kernels
-@njit(cache=True)
-def _dac_kernel(x, dac_steps):
-    """Quantize inputs in [-1, 1] to a signed DAC code; dac_steps = 0 passes them through."""
-    out = np.empty_like(x)
-    flat_in = x.ravel()
-    flat_out = out.ravel()
-    for i in range(flat_in.size):
-        v = flat_in[i]
-        if dac_steps > 0:
-            v = np.float32(np.round(v * dac_steps) / dac_steps)
-        flat_out[i] = v
-    return out
-
-
-@njit(cache=True)
-def _readout_kernel(a, bias, noise_sigma, full_scale, saturate, adc_steps, activation, rng):
-    """Add bias and read noise, saturate, quantize and apply the nonlinearity, in place on a.
-
-    a : float32 array of shape (batch, n_out), the ideal column sums W x.
-    Returns the nonlinearity's output; a holds the measured pre-activation afterwards.
-    """
-    batch, n_out = a.shape
-    y = np.empty_like(a)
-    for i in range(batch):
-        for j in range(n_out):
-            v = a[i, j] + bias[j]
-            if noise_sigma > 0:
-                v += noise_sigma * rng.standard_normal()
-            if saturate:
-                if v > full_scale:
-                    v = full_scale
-                elif v < -full_scale:
-                    v = -full_scale
-            if adc_steps > 0:
-                v = np.round(v / full_scale * adc_steps) / adc_steps * full_scale
-            a[i, j] = v
-            if activation == 1:
-                y[i, j] = np.tanh(v)
-            elif activation == 2:
-                y[i, j] = min(1.0, max(-1.0, v))
-            elif activation == 3:
-                y[i, j] = 0.5 * (1.0 + np.tanh(0.5 * v))
-            else:
-                y[i, j] = v
-    return y
-
-
-@njit(cache=True)
-def _forward_kernel(x, w, bias, dac_steps, noise_sigma, full_scale, saturate, adc_steps, activation, rng):
-    """Full crossbar forward pass; returns (inputs as applied, measured pre-activation, outputs)."""
-    x_applied = _dac_kernel(x, dac_steps)
-    a = np.dot(x_applied, w.T)  # (batch, n_out)
-    y = _readout_kernel(a, bias, noise_sigma, full_scale, saturate, adc_steps, activation, rng)
-    return x_applied, a, y
-
-
-@njit(cache=True)
-def _program_kernel(g_plus, g_minus, buffer, delta_g, g_min, g_max, level_step, mode, rng):
-    """Program a differential pair per element by a requested change of g_plus - g_minus.
-
-    All arrays are float64 and flat. mode 0: continuous conductances (no levels); mode 1: add to
-    the buffer and program the whole levels it holds; mode 2: stochastic rounding to levels.
-    One device of each pair sits at g_min, the other carries the weight, so the pair's
-    difference spans [-(g_max - g_min), g_max - g_min]. Returns the applied change of the
-    difference.
-    """
-    span = g_max - g_min
-    applied = np.empty_like(delta_g)
-    for i in range(delta_g.size):
-        diff = g_plus[i] - g_minus[i]
-        step = delta_g[i]
-        if mode == 1:
-            buffer[i] += step
-            pulses = np.trunc(buffer[i] / level_step)
-            buffer[i] -= pulses * level_step
-            step = pulses * level_step
-        elif mode == 2:
-            scaled = step / level_step
-            lower = np.floor(scaled)
-            if rng.random() < scaled - lower:
-                lower += 1.0
-            step = lower * level_step
-        target = diff + step
-        # The device saturates at its conductance range; a clipped target was already checked.
-        if target > span:
-            target = span
-        elif target < -span:
-            target = -span
-        if mode != 0:
-            target = np.round(target / level_step) * level_step
-        if target >= 0:
-            g_plus[i] = g_min + target
-            g_minus[i] = g_min
-        else:
-            g_plus[i] = g_min
-            g_minus[i] = g_min - target
-        applied[i] = (g_plus[i] - g_minus[i]) - diff
-    return applied
-
-
 class CrossbarNode(Node):
     """A simulated analog crossbar layer: ``f(W x + b)`` from conductance pairs.
 
@@ -273,11 +264,13 @@ class CrossbarNode(Node):
     config
         Device settings; :data:`CROSSBAR_PRESETS` has named ones.
     rng
-        Generator or seed for the initial weights, read noise and stochastic rounding.
+        Generator or seed for the initial weights, device variation, read noise and pulses.
     name
         Name in messages and the run record.
     init_scale
         Initial weights are drawn uniformly from +-``init_scale / sqrt(n_in)``.
+    preset
+        Name of the preset ``config`` came from, for the run record.
     """
 
     gradient_method = "outer-product"
@@ -304,15 +297,16 @@ class CrossbarNode(Node):
             output_unit="1",
             dtype=FLOAT,
         )
-        if activation not in _ACTIVATION_CODES:
+        if activation not in kernels.ACTIVATION_CODES:
             raise ConfigError(
-                f"node {name!r}: unknown crossbar activation {activation!r}; choose one of {', '.join(_ACTIVATION_CODES)}"
+                f"node {name!r}: unknown crossbar activation {activation!r}; "
+                f"choose one of {', '.join(kernels.ACTIVATION_CODES)}"
             )
         self.config = config if config is not None else CrossbarConfig()
         self.preset = preset
         self.activation = get_activation(activation)
-        self._activation_code = _ACTIVATION_CODES[activation]
-        self.seed = rng if isinstance(rng, (int, np.integer)) else None
+        self._activation_code = kernels.ACTIVATION_CODES[activation]
+        self.seed = int(rng) if isinstance(rng, (int, np.integer)) else None
         self.rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
         cfg = self.config
@@ -322,31 +316,97 @@ class CrossbarNode(Node):
         self.level_step_g = self.g_span / (cfg.levels - 1)
         bounded = self.activation.upper < np.inf
         self.full_scale = cfg.adc_full_scale if bounded or cfg.output_full_scale is None else cfg.output_full_scale
+        #: Simulated time since the node was made, in seconds (the drift clock).
+        self.time = 0.0
+        #: Number of pair refreshes of the potentiate-only scheme.
+        self.refreshes = np.zeros(1, dtype=np.int64)
 
         levels_on = cfg.enabled("conductance_levels")
-        w_res = self.w_max * self.level_step_g / self.g_span if levels_on else 0.0
-        b_res = self.b_max * self.level_step_g / self.g_span if levels_on else 0.0
         pulses = cfg.max_pulses_per_update
         self._specs = {
             "weight": ParameterSpec(
                 (self.n_out, self.n_in), -self.w_max, self.w_max, "1",
-                resolution=w_res, max_step=pulses * self.w_max / (cfg.levels - 1),
+                resolution=self.w_max / (cfg.levels - 1) if levels_on else 0.0,
+                max_step=pulses * self.w_max / (cfg.levels - 1),
                 description="weight, w_max times (g_plus - g_minus) / (g_max - g_min)",
             ),
             "bias": ParameterSpec(
                 (self.n_out,), -self.b_max, self.b_max, "1",
-                resolution=b_res, max_step=pulses * self.b_max / (cfg.levels - 1),
+                resolution=self.b_max / (cfg.levels - 1) if levels_on else 0.0,
+                max_step=pulses * self.b_max / (cfg.levels - 1),
                 description="bias, b_max times (g_plus - g_minus) / (g_max - g_min)",
             ),
         }
 
-        # Conductances in microsiemens, one pair per weight and per bias, and update buffers.
-        self.g_plus = {k: np.full(s.shape, cfg.g_min) for k, s in self._specs.items()}
-        self.g_minus = {k: np.full(s.shape, cfg.g_min) for k, s in self._specs.items()}
-        self.buffer = {k: np.zeros(s.shape) for k, s in self._specs.items()}
+        # Per parameter: conductances g (2, n) in microsiemens (row 0 plus, row 1 minus devices),
+        # the update buffer (n,), and device properties of shape (2, n).
+        self._g: dict[str, np.ndarray] = {}
+        self._buffer: dict[str, np.ndarray] = {}
+        self._g_top: dict[str, np.ndarray] = {}
+        self._step: dict[str, np.ndarray] = {}
+        self._nu: dict[str, np.ndarray] = {}
+        self._t_prog: dict[str, np.ndarray] = {}
+        self._stuck: dict[str, np.ndarray] = {}
+        for key, spec in self._specs.items():
+            size = int(np.prod(spec.shape))
+            self._g[key] = np.full((2, size), cfg.g_min)
+            self._buffer[key] = np.zeros(size)
+            self._t_prog[key] = np.zeros((2, size))
+            self._draw_devices(key, size)
+
         limit = init_scale / math.sqrt(self.n_in)
         initial = {"weight": self.rng.uniform(-limit, limit, (self.n_out, self.n_in)), "bias": np.zeros(self.n_out)}
         self._program_exact(initial)
+
+    # ---------------------------------------------------------------------- device physics
+    def _draw_devices(self, key: str, size: int) -> None:
+        """Draw each device's fixed properties: saturation, pulse size, drift exponent, stuck state."""
+        cfg = self.config
+        g_top = np.full((2, size), cfg.g_max)
+        step = np.full((2, size), self.level_step_g)
+        nu = np.full((2, size), cfg.drift_nu if cfg.active("drift") else 0.0)
+        if cfg.active("device_variation"):
+            g_top = cfg.g_max * (1.0 + cfg.g_max_dtod * self.rng.standard_normal((2, size)))
+            g_top = np.clip(g_top, cfg.g_min + self.level_step_g, None)
+            step = self.level_step_g * np.clip(1.0 + cfg.step_dtod * self.rng.standard_normal((2, size)), 0.05, None)
+            if cfg.active("drift"):
+                nu = np.clip(nu + cfg.drift_nu_dtod * self.rng.standard_normal((2, size)), 0.0, None)
+        stuck = np.zeros((2, size), dtype=np.int8)
+        if cfg.active("stuck_devices"):
+            hit = self.rng.random((2, size)) < cfg.stuck_fraction
+            high = self.rng.random((2, size)) < cfg.stuck_high_fraction
+            stuck[hit & high] = kernels.STUCK_HIGH
+            stuck[hit & ~high] = kernels.STUCK_LOW
+        self._g_top[key], self._step[key], self._nu[key], self._stuck[key] = g_top, step, nu, stuck
+
+    @property
+    def _ideal_devices(self) -> bool:
+        """True when every device is identical, linear and symmetric, so the fast kernel applies."""
+        cfg = self.config
+        return cfg.programming == "bidirectional" and not any(
+            cfg.active(stage)
+            for stage in ("update_nonlinearity", "update_asymmetry", "device_variation", "cycle_variation", "stuck_devices")
+        )
+
+    def _apply_stuck(self, key: str) -> None:
+        stuck = self._stuck[key]
+        g = self._g[key]
+        g[stuck == kernels.STUCK_LOW] = self.config.g_min
+        g[stuck == kernels.STUCK_HIGH] = self._g_top[key][stuck == kernels.STUCK_HIGH]
+
+    def _read_conductances(self, key: str) -> np.ndarray:
+        """Conductances as read now, after drift, array of shape (2, n) in microsiemens."""
+        if not self.config.active("drift"):
+            return self._g[key]
+        return kernels.drifted_kernel(self._g[key], self._t_prog[key], self._nu[key], self.time, self.config.t_drift_ref)
+
+    def advance_time(self, seconds: float) -> None:
+        """Move the drift clock forward by ``seconds``."""
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise ConfigError(f"node {self.name!r}: time step must be a finite number >= 0, got {seconds}")
+        self.time += float(seconds)
+        if self.config.active("drift") and seconds > 0:
+            self._refresh()
 
     # --------------------------------------------------------------------------------- specs
     @property
@@ -358,17 +418,27 @@ class CrossbarNode(Node):
         return (self.w_max if name == "weight" else self.b_max) / self.g_span
 
     def _read_parameters(self) -> dict[str, np.ndarray]:
-        return {k: (self.g_plus[k] - self.g_minus[k]) * self._scale(k) for k in self._specs}
+        return {key: self._weights[key].reshape(spec.shape) for key, spec in self._specs.items()}
 
     def _program_exact(self, values: Mapping[str, np.ndarray]) -> None:
-        """Program pairs to the given weights (already in range and quantized)."""
+        """Program pairs straight to the given weights (already in range and quantized).
+
+        Models a write-verify that reaches the target up to the level grid; stuck devices keep
+        their state and drift restarts for every device written. The update buffers are left as
+        they are, because they contain updates not yet programmed that still apply after the
+        weights are set and restored: perturbative rules set and restore the weights every step,
+        and clearing the buffers there would discard every update below one level.
+        """
         for name, value in values.items():
-            diff = np.clip(np.asarray(value, dtype=np.float64) / self._scale(name), -self.g_span, self.g_span)
+            diff = np.clip(np.asarray(value, dtype=np.float64).reshape(-1) / self._scale(name), -self.g_span, self.g_span)
             if self.config.enabled("conductance_levels"):
                 diff = np.round(diff / self.level_step_g) * self.level_step_g
-            self.g_plus[name] = self.config.g_min + np.maximum(diff, 0.0)
-            self.g_minus[name] = self.config.g_min + np.maximum(-diff, 0.0)
-            self.buffer[name][...] = 0.0
+            g = self._g[name]
+            g[0] = self.config.g_min + np.maximum(diff, 0.0)
+            g[1] = self.config.g_min + np.maximum(-diff, 0.0)
+            np.minimum(g, self._g_top[name], out=g)
+            self._apply_stuck(name)
+            self._t_prog[name][...] = self.time
         self._refresh()
 
     def _write_parameters(self, values: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -377,17 +447,23 @@ class CrossbarNode(Node):
         return {name: current[name] for name in values}
 
     def _refresh(self) -> None:
-        weights = self._read_parameters()
-        self._w = np.ascontiguousarray(weights["weight"], dtype=FLOAT)
-        self._b = np.ascontiguousarray(weights["bias"], dtype=FLOAT)
+        """Recompute the weight caches from the conductances as read now."""
+        self._weights = {}
+        for key in self._specs:
+            g = self._read_conductances(key)
+            self._weights[key] = (g[0] - g[1]) * self._scale(key)
+        self._w = self._weights["weight"].astype(FLOAT).reshape(self.n_out, self.n_in)
+        self._b = self._weights["bias"].astype(FLOAT)
 
     # ------------------------------------------------------------------------------ forward
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         cfg = self.config
+        if cfg.t_per_batch:
+            self.advance_time(cfg.t_per_batch)
         dac_steps = 2 ** (cfg.dac_bits - 1) - 1 if cfg.enabled("dac") else 0
         adc_steps = 2 ** (cfg.adc_bits - 1) - 1 if cfg.enabled("adc") else 0
         noise = cfg.read_noise_std * self.full_scale if cfg.enabled("read_noise") else 0.0
-        x_applied, a, y = _forward_kernel(
+        x_applied, a, y = kernels.forward_kernel(
             x, self._w, self._b, dac_steps, FLOAT(noise), FLOAT(self.full_scale),
             cfg.enabled("saturation"), adc_steps, self._activation_code, self.rng,
         )
@@ -397,38 +473,69 @@ class CrossbarNode(Node):
     def apply_update(self, delta: Mapping[str, Any], *, clip: bool = False) -> dict[str, np.ndarray]:
         """Program a change of the weights and return the change actually programmed.
 
-        Changes are checked against ``max_step`` and the limits like any node's; then, with the
-        ``conductance_levels`` stage on, they go through the update buffer (``accumulate``) or
-        stochastic rounding, so most small changes program nothing at first.
+        Changes are checked against ``max_step`` and the limits like any node's. With the
+        ``conductance_levels`` stage on, they then go through the update buffer (``accumulate``)
+        or stochastic rounding, so most small changes program nothing at first. Non-ideal devices
+        (nonlinear, asymmetric, varying or stuck) realise a different change than requested;
+        the returned change is the one programmed.
         """
         self._check_open()
-        current = self._read_parameters()
-        requests = {}
-        for name, value in self._known(delta).items():
-            spec = self._specs[name]
-            step = spec.check_shape(value, self._where(name))
-            limited = spec.check_step(step, self._where(name), clip=clip)
-            target = spec.check_range(current[name] + limited, self._where(name), clip=clip)
-            if clip:
-                self._count_clips(name, current[name] + step, target)
-            requests[name] = target - current[name]
+        requests = self._checked_requests(self._read_parameters(), delta, clip)
 
-        levels_on = self.config.enabled("conductance_levels")
-        mode = 0 if not levels_on else (1 if self.config.update_mode == "accumulate" else 2)
+        cfg = self.config
+        if not cfg.enabled("conductance_levels"):
+            mode = 0
+        elif cfg.update_mode == "accumulate":
+            mode = 1
+        else:
+            mode = 2
         applied = {}
+        if self._ideal_devices and not cfg.active("drift"):
+            caches32 = {"weight": self._w.reshape(-1), "bias": self._b}
+            for name, request in requests.items():
+                applied[name] = kernels.update_ideal_kernel(
+                    self._g[name], self._buffer[name], self._weights[name], caches32[name],
+                    np.ascontiguousarray(request).reshape(-1), self._scale(name), self.level_step_g,
+                    float(cfg.max_pulses_per_update), mode, cfg.g_min, cfg.g_max,
+                    cfg.enabled("conductance_levels"), self.rng,
+                ).reshape(request.shape)
+            return applied
+
         for name, request in requests.items():
             scale = self._scale(name)
-            shape = request.shape
-            g_plus = self.g_plus[name].reshape(-1)
-            g_minus = self.g_minus[name].reshape(-1)
-            buffer = self.buffer[name].reshape(-1)
-            change = _program_kernel(
-                g_plus, g_minus, buffer, np.ascontiguousarray(request.reshape(-1) / scale),
-                self.config.g_min, self.config.g_max, self.level_step_g, mode, self.rng,
+            counts = kernels.pulse_counts_kernel(
+                self._buffer[name], np.ascontiguousarray(request.reshape(-1) / scale), self.level_step_g,
+                float(cfg.max_pulses_per_update), mode, self.rng,
             )
-            applied[name] = change.reshape(shape) * scale
+            applied[name] = self._program(name, counts).reshape(request.shape) * scale
         self._refresh()
         return applied
+
+    def _program(self, name: str, counts: np.ndarray) -> np.ndarray:
+        """Apply signed pulse counts to the pairs of one parameter; return the change in microsiemens."""
+        cfg = self.config
+        if self._ideal_devices and not cfg.active("drift"):
+            snap = cfg.enabled("conductance_levels")
+            return kernels.program_ideal_kernel(self._g[name], counts, cfg.g_min, cfg.g_max, self.level_step_g, snap)
+
+        # Pulses act on the conductance as it is now (drifted); devices that receive a pulse
+        # restart their drift, the others keep their programmed value and age.
+        stored = self._g[name]
+        work = np.array(self._read_conductances(name))
+        before = work[0] - work[1]
+        t_prog = self._t_prog[name]
+        previous_t = t_prog.copy()
+        scheme = kernels.SCHEME_BIDIRECTIONAL if cfg.programming == "bidirectional" else kernels.SCHEME_POTENTIATE_ONLY
+        kernels.program_pulses_kernel(
+            work, counts, cfg.g_min, self._g_top[name], self._step[name], self._stuck[name], scheme,
+            cfg.update_nonlinearity if cfg.enabled("update_nonlinearity") else 0.0,
+            cfg.update_asymmetry if cfg.enabled("update_asymmetry") else 0.0,
+            cfg.step_std if cfg.enabled("cycle_variation") else 0.0,
+            t_prog, self.time, self.refreshes, self.rng,
+        )
+        touched = (t_prog != previous_t) | (counts != 0)[None, :] & (t_prog == self.time)
+        stored[touched] = work[touched]
+        return (work[0] - work[1]) - before
 
     # ----------------------------------------------------------------------------- learning
     def _preactivation_error(self, state: NodeState, error: np.ndarray, at: ErrorSite) -> np.ndarray:
@@ -452,7 +559,7 @@ class CrossbarNode(Node):
         return {"weight": grad_w.astype(np.float64), "bias": grad_b.astype(np.float64)}
 
     def input_gradient(self, state: NodeState, output_error: np.ndarray) -> np.ndarray:
-        """Send the error back through the transposed array (the programmed weights, noise-free)."""
+        """Send the error back through the transposed array (the current weights, noise-free)."""
         error = self.check_error(state, output_error)
         delta = self._preactivation_error(state, error, "output")
         return delta @ self._w.astype(np.float64)
@@ -466,34 +573,46 @@ class CrossbarNode(Node):
         info = super().identity()
         cfg = dataclasses.asdict(self.config)
         cfg["disabled"] = sorted(self.config.disabled)
-        info.update(
-            preset=self.preset,
-            seed=self.seed,
-            activation=self.activation.name,
-            config=cfg,
-        )
+        info.update(preset=self.preset, seed=self.seed, activation=self.activation.name, config=cfg)
         return info
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "g_plus": {k: v.copy() for k, v in self.g_plus.items()},
-            "g_minus": {k: v.copy() for k, v in self.g_minus.items()},
-            "buffer": {k: v.copy() for k, v in self.buffer.items()},
-            "rng": self.rng.bit_generator.state,
+        arrays = {
+            "g": self._g, "buffer": self._buffer, "g_top": self._g_top, "step": self._step,
+            "nu": self._nu, "t_prog": self._t_prog, "stuck": self._stuck,
         }
+        state: dict[str, Any] = {key: {k: v.copy() for k, v in table.items()} for key, table in arrays.items()}
+        state.update(time=self.time, refreshes=int(self.refreshes[0]), rng=self.rng.bit_generator.state)
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        for key in ("g_plus", "g_minus", "buffer"):
-            for name, spec in self._specs.items():
-                value = np.asarray(state[key][name], dtype=np.float64)
-                if value.shape != spec.shape:
+        tables = ("g", "buffer", "g_top", "step", "nu", "t_prog", "stuck")
+        loaded = {}
+        for key in tables:
+            loaded[key] = {}
+            for name in self._specs:
+                value = np.asarray(state[key][name])
+                expected = getattr(self, f"_{key}")[name]
+                if value.shape != expected.shape:
                     raise ConfigError(
-                        f"{self._where(name)}: saved {key} has shape {value.shape}, expected {spec.shape}"
+                        f"{self._where(name)}: saved {key} has shape {value.shape}, expected {expected.shape}"
                     )
-                getattr(self, key)[name] = value.copy()
+                loaded[key][name] = value.astype(expected.dtype, copy=True)
+        for key in tables:
+            setattr(self, f"_{key}", loaded[key])
+        self.time = float(state["time"])
+        self.refreshes[0] = int(state["refreshes"])
         self.rng.bit_generator.state = state["rng"]
         self._refresh()
 
+    def update_buffers(self) -> dict[str, np.ndarray]:
+        """Return a copy of each parameter's pending update buffer, in microsiemens."""
+        return {key: self._buffer[key].reshape(spec.shape).copy() for key, spec in self._specs.items()}
+
     def conductances(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Return (g_plus, g_minus) per parameter, in microsiemens."""
-        return {k: (self.g_plus[k].copy(), self.g_minus[k].copy()) for k in self._specs}
+        """Return (g_plus, g_minus) per parameter as read now, in microsiemens."""
+        out = {}
+        for key, spec in self._specs.items():
+            g = self._read_conductances(key)
+            out[key] = (g[0].reshape(spec.shape).copy(), g[1].reshape(spec.shape).copy())
+        return out
