@@ -251,6 +251,12 @@ def train(
     }
     if calibrations is not None:
         summary["calibrations"] = calibrations.hashes()
+    if config.log_alignment and controller.history_:
+        # The last epoch's angles; every epoch's are in metrics.jsonl.
+        last = controller.history_[-1]
+        summary["alignment_degrees"] = {
+            key.removeprefix("alignment_"): value for key, value in last.items() if key.startswith("alignment_")
+        }
     # The summary marks the run as finished, so it is written last.
     _plot_curves(run)
     run.write_summary(summary)

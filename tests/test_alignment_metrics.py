@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,21 @@ def test_epoch_records_hold_angles(tmp_path, rule, feedback):
         assert set(k for k in record if k.startswith("alignment_")) == {"alignment_layer1", "alignment_layer2"}
         for key in ("alignment_layer1", "alignment_layer2"):
             assert 0.0 < record[key] < 180.0
+
+
+@pytest.mark.parametrize("rule", ["fa", "dfa"])
+def test_alignment_rules_descend_after_training(tmp_path, rule):
+    # The forward weights come to align with the random feedback while training, so after a few
+    # epochs every hidden update is within 90 degrees of the backprop gradient.
+    summary = train(TrainConfig(rule=rule, feedback="random", device="digital", epochs=8, hidden=[64, 64],
+                                log_alignment=True, out=str(tmp_path / "run")), progress=False)
+    records = epoch_records(tmp_path / "run")
+    for record in records[-3:]:
+        for key in ("alignment_layer1", "alignment_layer2"):
+            assert 0.0 < record[key] < 90.0, (key, record[key])
+    assert summary["alignment_degrees"] == {
+        "layer1": records[-1]["alignment_layer1"], "layer2": records[-1]["alignment_layer2"]
+    }
 
 
 @pytest.mark.parametrize("rule,device,preset", [("bp", "digital", None), ("pat", "crossbar", "ideal")])
@@ -92,3 +108,11 @@ def test_command_line_option(tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "config.json").read_text())["config"]["log_alignment"] is True
     assert all("alignment_layer1" in record for record in epoch_records(out))
+    assert re.search(r"angle to backprop, last epoch: layer1 [0-9.]+ deg, layer2 [0-9.]+ deg", result.stdout)
+
+
+def test_summary_has_no_angles_without_the_option(tmp_path):
+    summary = train(TrainConfig(rule="dfa", device="digital", epochs=1, hidden=[8], out=str(tmp_path / "run")),
+                    progress=False)
+    assert "alignment_degrees" not in summary
+    assert not any(key.startswith("alignment_") for key in epoch_records(tmp_path / "run")[0])

@@ -160,6 +160,9 @@ def run_train(args: argparse.Namespace) -> int:
         summary = train(config, progress=not args.quiet)
 
     print(f"test accuracy: {summary['test_accuracy']:.4f}")
+    if summary.get("alignment_degrees"):
+        angles = ", ".join(f"{name} {angle:.1f} deg" for name, angle in summary["alignment_degrees"].items())
+        print(f"angle to backprop, last epoch: {angles}")
     print(f"run folder: {summary['run_dir']}", file=sys.stderr)
     if args.json:
         print(json.dumps(summary, indent=2))
