@@ -6,6 +6,8 @@ wall time and test accuracy. Each run's folder stays under ``--out``. MNIST rows
 
     python benchmarks/accuracy_alignment_rules.py --out /tmp/acc
     python benchmarks/accuracy_alignment_rules.py --out /tmp/acc --mnist-dir ../shared/data/mnist --only mnist
+    python benchmarks/accuracy_alignment_rules.py --out /tmp/acc --mnist-dir ../shared/data/mnist \
+        --only mnist --rules dfa --devices digital --epochs 5
 
 Run it with ``OMP_NUM_THREADS=1`` to match the recorded figures.
 """
@@ -40,6 +42,14 @@ MNIST_ROWS = [
 ]
 
 
+def _with_epochs(extra: list[str], epochs: int) -> list[str]:
+    """Return the options with ``--epochs`` set to ``epochs``."""
+    if "--epochs" in extra:
+        at = extra.index("--epochs")
+        return [*extra[:at], "--epochs", str(epochs), *extra[at + 2:]]
+    return [*extra, "--epochs", str(epochs)]
+
+
 def run_row(rule: str, dataset: str, device: str, extra: list[str], out: Path, mnist_dir: str | None) -> dict:
     folder = out / f"{dataset}-{device}-{rule}"
     command = [sys.executable, "-m", "pnn", "train", "--rule", rule, "--dataset", dataset, "--device", device,
@@ -51,7 +61,8 @@ def run_row(rule: str, dataset: str, device: str, extra: list[str], out: Path, m
                             env=dict(os.environ, PYTHONPATH=str(REPO)))
     wall = time.perf_counter() - started
     if result.returncode != 0:
-        return {"rule": rule, "dataset": dataset, "device": device, "error": result.stderr.strip().splitlines()[-1]}
+        lines = result.stderr.strip().splitlines() or [f"pnn train failed with exit status {result.returncode}"]
+        return {"rule": rule, "dataset": dataset, "device": device, "error": lines[-1]}
     summary = json.loads(result.stdout[result.stdout.index("{"):])
     return {"rule": rule, "dataset": dataset, "device": device, "epochs": summary["epochs"], "wall_s": wall,
             "test_accuracy": summary["test_accuracy"], "command": " ".join(command[1:])}
@@ -62,10 +73,26 @@ def main() -> int:
     parser.add_argument("--out", required=True, help="folder for the run folders")
     parser.add_argument("--mnist-dir", help="folder with the MNIST IDX files; without it MNIST rows are skipped")
     parser.add_argument("--only", choices=("vowels", "mnist"), help="run only one dataset's rows")
+    parser.add_argument("--rules", nargs="+", help="run only these rules' rows")
+    parser.add_argument("--devices", nargs="+", choices=("digital", "crossbar"), help="run only these devices' rows")
+    parser.add_argument("--epochs", type=int, help="train every selected row for this many epochs instead")
     args = parser.parse_args()
+
     rows = [row for row in VOWEL_ROWS + MNIST_ROWS if args.only in (None, row[1])]
+    known = sorted({row[0] for row in rows})
+    if args.rules and not set(args.rules) <= set(known):
+        parser.error(f"no rows for rule(s) {', '.join(sorted(set(args.rules) - set(known)))}; choose from {', '.join(known)}")
+    if args.rules:
+        rows = [row for row in rows if row[0] in args.rules]
+    if args.devices:
+        rows = [row for row in rows if row[2] in args.devices]
+    if args.epochs is not None:
+        if args.epochs < 1:
+            parser.error(f"--epochs must be at least 1, got {args.epochs}")
+        rows = [(*row[:3], _with_epochs(row[3], args.epochs)) for row in rows]
     if not args.mnist_dir:
         rows = [row for row in rows if row[1] != "mnist"]
+
     out = Path(args.out)
     print("| rule | dataset | device | epochs | wall time (s) | test accuracy |")
     print("|---|---|---|---|---|---|")
@@ -76,6 +103,7 @@ def main() -> int:
         else:
             print(f"| {row[0]} | {row[1]} | {row[2]} | {record['epochs']} | {record['wall_s']:.0f} | "
                   f"{100 * record['test_accuracy']:.2f} % |", flush=True)
+            print(f"<!-- {record['command']} -->", flush=True)
     return 0
 
 
