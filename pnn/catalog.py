@@ -5,7 +5,7 @@ the real registries.
 """
 
 RULE_NAMES = (
-    "dfa",
+    "bp", "pat", "fa", "dfa", "ifa", "adfa", "dtp",
     "wp", "np", "spsa", "mgd",
     "local-direct", "local-recon", "local-contrast", "local-predict", "local-pseudo",
     "ep", "coupled",
@@ -13,4 +13,4 @@ RULE_NAMES = (
 )
 DEVICE_NAMES = ("crossbar", "resistive", "mzi", "diffractive", "digital")
 DATASET_NAMES = ("vowels", "mnist")
-FEEDBACK_NAMES = ("random", "identity", "physical")
+FEEDBACK_NAMES = ("random", "identity", "physical", "learned")

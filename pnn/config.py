@@ -81,7 +81,7 @@ class TrainConfig:
     rule: str = "dfa"
     """Learning rule."""
     feedback: str = "random"
-    """Feedback path of the alignment rules: random, identity or physical."""
+    """Feedback path of the alignment rules: random, identity, physical or learned."""
     rule_options: dict[str, Any] = field(default_factory=dict)
     """Extra options of the learning rule, by name."""
     hidden: list[int] | None = None
@@ -116,6 +116,8 @@ class TrainConfig:
     """Pause after an instrument fault before the batch is tried again, in seconds; doubled per fault in a row."""
     retry_backoff_max_s: float = 30.0
     """Maximum pause between two tries of a batch, in seconds."""
+    log_alignment: bool = False
+    """Log per epoch the angle, in degrees, between each hidden node's update and the backprop gradient."""
     checkpoint_every: int = 0
     """Extra checkpoint every n steps (0: at the end of each epoch only)."""
     checkpoint_interval_s: float = 60.0

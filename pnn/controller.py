@@ -35,7 +35,9 @@ from tqdm.auto import tqdm
 from ._allocator import keep_freed_memory
 from .datasets import epoch_order, iterate_batches
 from .errors import ConfigError, InstrumentError, MeasurementError, PnnError
+from .learning.angles import update_angles
 from .learning.base import LearningRule, NodeFactory, RuleContext
+from .learning.bp import check_backward_models
 from .learning.losses import get_loss
 from .learning.optim import LR_SCHEDULES, Optimizer, lr_at_epoch, make_optimizer
 from .network import PhysicalNetwork
@@ -44,6 +46,9 @@ from .runs import RunDir
 __all__ = ["PhysicalNoProp", "TrainingInterrupted", "TrainingStopped"]
 
 log = logging.getLogger(__name__)
+
+#: Examples in the fixed batch on which ``log_alignment`` measures the angles.
+ALIGNMENT_BATCH = 256
 
 
 class TrainingInterrupted(PnnError):
@@ -141,6 +146,12 @@ class PhysicalNoProp:
         once its checkpoint (if one is due) is written; ``step_record`` has the keys ``epoch``,
         ``batch`` and ``outcome`` (``"accepted"``, ``"rejected"``, ``"retry"`` or
         ``"update failed"``). Tests use them to inject faults or stop a run at a chosen step.
+    log_alignment
+        After each epoch, log for every hidden trainable node the angle in degrees between the
+        rule's gradient and the backprop gradient through the nodes' models. Both come from a
+        fixed batch of up to :data:`ALIGNMENT_BATCH` training examples, and the angle goes into
+        the epoch record as ``alignment_<node name>``. The probe runs the network, so on a noisy
+        device it draws noise samples that a run without it would have used elsewhere.
     """
 
     def __init__(
@@ -169,6 +180,7 @@ class PhysicalNoProp:
         eval_batch_size: int = 1000,
         callbacks: list[Callable[[PhysicalNoProp, dict[str, Any]], None]] | None = None,
         step_callbacks: list[Callable[[PhysicalNoProp, dict[str, Any]], None]] | None = None,
+        log_alignment: bool = False,
     ) -> None:
         self.network = network
         self.rule = rule
@@ -193,6 +205,7 @@ class PhysicalNoProp:
         self.eval_batch_size = eval_batch_size
         self.callbacks = list(callbacks or [])
         self.step_callbacks = list(step_callbacks or [])
+        self.log_alignment = log_alignment
 
     # ---------------------------------------------------------------------------- setup
     def _validate_settings(self) -> None:
@@ -219,6 +232,11 @@ class PhysicalNoProp:
             i: make_optimizer(self.optimizer, self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
             for i in self.network.trainable_indices
         }
+        if self.log_alignment:
+            check_backward_models(
+                self.network, "alignment metrics (--log-alignment)",
+                "the backprop reference needs a model of it; train without --log-alignment",
+            )
         self.context_ = RuleContext(
             rng=np.random.default_rng([self.seed, 7919]),
             loss=self.loss_fn_,
@@ -306,6 +324,10 @@ class PhysicalNoProp:
         if x_test is not None:
             x_test, y_test = _check_data(x_test, y_test, self.network.n_in, n_classes, "test")
         self._setup(n_classes)
+        if self.log_alignment:
+            # The same examples every epoch, chosen from the seed, so a resumed run probes them too.
+            chosen = np.random.default_rng([self.seed, 5381]).permutation(len(x_train))[:ALIGNMENT_BATCH]
+            self._alignment_probe = (x_train[np.sort(chosen)], y_train[np.sort(chosen)])
         if resume:
             if self.run is None:
                 raise ConfigError("nothing to resume: this training has no run folder; pass run=RunDir(...)")
@@ -528,6 +550,8 @@ class PhysicalNoProp:
         if x_test is not None:
             test = self.evaluate(x_test, y_test)
             record.update(test_loss=test["loss"], test_accuracy=test["accuracy"], test_invalid=test["invalid"])
+        if self.log_alignment:
+            record.update(self._alignment_record(epoch))
         if sums["clipped"]:
             log.info("epoch %d: %d parameter value(s) clipped at their limits", epoch + 1, sums["clipped"])
         self.history_.append(record)
@@ -541,6 +565,21 @@ class PhysicalNoProp:
         if self.progress and seconds >= 2.0:
             tqdm.write(message)
         return record
+
+    def _alignment_record(self, epoch: int) -> dict[str, float]:
+        # A context of its own, so that the probe leaves the rule's random stream untouched.
+        context = RuleContext(
+            rng=np.random.default_rng([self.seed, epoch, 4099]),
+            loss=self.loss_fn_,
+            n_classes=self.context_.n_classes,
+            node_factory=self.node_factory,
+        )
+        x, y = self._alignment_probe
+        angles = update_angles(self.network, self.rule, x, y, context)
+        if angles:
+            log.info("epoch %d: angle to backprop %s", epoch + 1,
+                     ", ".join(f"{name} {angle:.1f} deg" for name, angle in angles.items()))
+        return {f"alignment_{name}": angle for name, angle in angles.items()}
 
     # ------------------------------------------------------------------------ evaluation
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict[str, float]:

@@ -217,6 +217,7 @@ def train(
         retry_backoff_max_s=config.retry_backoff_max_s, checkpoint_every=config.checkpoint_every,
         checkpoint_interval_s=config.checkpoint_interval_s, run=run, progress=progress, node_factory=factory,
         callbacks=callbacks, step_callbacks=step_callbacks,
+        log_alignment=config.log_alignment,
     )
     try:
         controller.fit(
@@ -250,6 +251,12 @@ def train(
     }
     if calibrations is not None:
         summary["calibrations"] = calibrations.hashes()
+    if config.log_alignment and controller.history_:
+        # The last epoch's angles; every epoch's are in metrics.jsonl.
+        last = controller.history_[-1]
+        summary["alignment_degrees"] = {
+            key.removeprefix("alignment_"): value for key, value in last.items() if key.startswith("alignment_")
+        }
     # The summary marks the run as finished, so it is written last.
     _plot_curves(run)
     run.write_summary(summary)

@@ -158,6 +158,9 @@ class DigitalLinear(Node):
         error = self.check_error(state, output_error)
         return self._delta(state, error, "output") @ self.weight.astype(np.float64)
 
+    def preactivation_error(self, state: NodeState, output_error: np.ndarray) -> np.ndarray:
+        return self._delta(state, self.check_error(state, output_error), "output")
+
     def identity(self) -> dict[str, Any]:
         info = super().identity()
         info["activation"] = self.activation.name

@@ -580,6 +580,19 @@ class Node(ABC):
             f"{self._where()} ({type(self).__name__}) has no model to send an error back to its inputs"
         )
 
+    def preactivation_error(self, state: NodeState, output_error: np.ndarray) -> np.ndarray:
+        """Turn an error at the outputs into the per-example error at the pre-activation.
+
+        Returns the array of shape (batch, n_out) that :meth:`local_gradient` would use with
+        ``at="preactivation"``: the output error times the derivative of the node's nonlinearity
+        at the measured pre-activation. Feedback alignment sends this signal through its feedback
+        matrix. Nodes with ``has_preactivation`` implement this.
+        """
+        raise PnnError(
+            f"{self._where()} ({type(self).__name__}) exposes no pre-activation, so it cannot "
+            "turn an output error into a pre-activation error"
+        )
+
     def check_error(self, state: NodeState, output_error: Any, *, at: ErrorSite = "output") -> np.ndarray:
         """Validate an error array against a state; return it as float64."""
         error = np.asarray(output_error, dtype=np.float64)

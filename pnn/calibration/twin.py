@@ -193,6 +193,9 @@ class DigitalTwin(Node):
         error = self.check_error(state, output_error)
         return self.reference.input_gradient(state.inputs, self._values, self._delta(state, error, "output"))
 
+    def preactivation_error(self, state: NodeState, output_error: np.ndarray) -> np.ndarray:
+        return self._delta(state, self.check_error(state, output_error), "output")
+
     def identity(self) -> dict[str, Any]:
         info = super().identity()
         info.update(model=self.fit.model, reference=self.reference.describe(), record=self.record_hash)
@@ -258,6 +261,9 @@ class TwinGradientNode(NodeWrapper):
     def input_gradient(self, state: NodeState, output_error: np.ndarray) -> np.ndarray:
         error = self.check_error(state, output_error)
         return self.twin.reference.input_gradient(state.inputs, self._parameters_at_forward, self._delta(state, error, "output"))
+
+    def preactivation_error(self, state: NodeState, output_error: np.ndarray) -> np.ndarray:
+        return self._delta(state, self.check_error(state, output_error), "output")
 
     def __repr__(self) -> str:
         return f"<TwinGradientNode of {self.node!r} through {self.twin.fit.model} twin>"

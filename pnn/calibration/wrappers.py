@@ -109,6 +109,9 @@ class NodeWrapper(Node):
     def input_gradient(self, state: NodeState, output_error: np.ndarray) -> np.ndarray:
         return self.node.input_gradient(self._inner_state(state), output_error)
 
+    def preactivation_error(self, state: NodeState, output_error: np.ndarray) -> np.ndarray:
+        return self.node.preactivation_error(self._inner_state(state), output_error)
+
     # ------------------------------------------------------------------------- lifecycle
     def identity(self) -> dict[str, Any]:
         return self.node.identity()
@@ -195,6 +198,10 @@ class CalibratedNode(NodeWrapper):
     def input_gradient(self, state: NodeState, output_error: np.ndarray) -> np.ndarray:
         error = self.check_error(state, output_error)
         return self.node.input_gradient(self._inner_state(state), error / self.gain)
+
+    def preactivation_error(self, state: NodeState, output_error: np.ndarray) -> np.ndarray:
+        error = self.check_error(state, output_error)
+        return self.node.preactivation_error(self._inner_state(state), error / self.gain)
 
     def state_dict(self) -> dict[str, Any]:
         return {

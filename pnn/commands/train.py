@@ -99,6 +99,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     learning.add_argument("--weight-decay", type=float, help="weight decay per step, relative to the learning rate (default: 0)")
     learning.add_argument("--lr-schedule", choices=("cosine", "constant"), help="learning-rate schedule over the epochs (default: cosine)")
     learning.add_argument("--loss", choices=("cross_entropy", "mse"), help="loss on the outputs (default: cross_entropy)")
+    learning.add_argument("--log-alignment", action="store_true", default=None,
+                          help="log per epoch, for each hidden layer, the angle in degrees between the rule's "
+                               "update and the backprop gradient through the nodes' models, on a fixed batch")
     learning.add_argument("--no-clip", action="store_false", dest="clip_updates", default=None,
                           help="stop with an error when an update would leave a parameter's limits, instead of clipping it")
 
@@ -127,6 +130,7 @@ _FIELDS = (
     "weight_decay", "lr_schedule", "loss", "clip_updates", "seed", "out", "checkpoint_every",
     "checkpoint_interval_s", "max_consecutive_invalid", "retry_backoff_s", "calibrations", "calibration",
     "allow_expired_calibration", "allow_identity_mismatch", "twin_gradients", "drift_check", "drift_action",
+    "log_alignment",
 )
 
 
@@ -156,6 +160,9 @@ def run_train(args: argparse.Namespace) -> int:
         summary = train(config, progress=not args.quiet)
 
     print(f"test accuracy: {summary['test_accuracy']:.4f}")
+    if summary.get("alignment_degrees"):
+        angles = ", ".join(f"{name} {angle:.1f} deg" for name, angle in summary["alignment_degrees"].items())
+        print(f"angle to backprop, last epoch: {angles}")
     print(f"run folder: {summary['run_dir']}", file=sys.stderr)
     if args.json:
         print(json.dumps(summary, indent=2))

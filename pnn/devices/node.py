@@ -667,6 +667,12 @@ class InstrumentNode(Node):
             return error * self.activation.df(np.asarray(state.probes["preactivation"], dtype=np.float64))
         return error * output_derivative(self.activation, np.asarray(state.outputs, dtype=np.float64))
 
+    def preactivation_error(self, state: NodeState, output_error: np.ndarray) -> np.ndarray:
+        """Multiply the error by f' at the measured pre-activation (needs the preactivation probe)."""
+        if not self.has_preactivation:
+            return super().preactivation_error(state, output_error)
+        return self._preactivation_error(state, self.check_error(state, output_error), "output")
+
     def input_gradient(self, state: NodeState, output_error: np.ndarray) -> np.ndarray:
         """Send the error back through the declared model: ``(error * f') @ W``."""
         if self.gradient_method != "outer-product":

@@ -4,8 +4,15 @@ Importing this package registers every rule in :data:`RULES`; :func:`make_rule` 
 name.
 """
 
+from .adfa import ADFA
+from .alignment import AlignmentRule, FeedbackRoute
 from .base import RULES, LearningRule, RuleContext, StepResult, forward_checked, make_rule, register_rule
+from .bp import Backprop, backprop_gradients
 from .dfa import DFA
+from .dtp import DTP
+from .fa import FA
+from .ifa import IFA
+from .pat import PhysicsAwareTraining
 from .local_losses import LocalContrast, LocalDirect, LocalPredict, LocalPseudo, LocalReconstruction
 from .mgd import MGD
 from .node_perturbation import NodePerturbation
@@ -23,7 +30,16 @@ __all__ = [
     "forward_checked",
     "make_rule",
     "register_rule",
+    "AlignmentRule",
+    "FeedbackRoute",
+    "Backprop",
+    "backprop_gradients",
+    "PhysicsAwareTraining",
+    "FA",
     "DFA",
+    "IFA",
+    "ADFA",
+    "DTP",
     "WeightPerturbation",
     "SPSA",
     "MGD",

@@ -10,6 +10,7 @@ rejects that batch.
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -134,12 +135,36 @@ def register_rule(cls: type[LearningRule]) -> type[LearningRule]:
     return cls
 
 
+def _accepted_options(cls: type) -> list[str]:
+    """Return the keyword options a rule class takes, including those its ``**options`` passes on."""
+    accepted: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        passes_on = False
+        for parameter in inspect.signature(klass.__init__).parameters.values():
+            if parameter.kind == inspect.Parameter.VAR_KEYWORD:
+                passes_on = True
+            elif parameter.name != "self" and parameter.kind != inspect.Parameter.VAR_POSITIONAL:
+                if parameter.name not in accepted:
+                    accepted.append(parameter.name)
+        # A constructor without **options hands nothing further up.
+        if not passes_on:
+            break
+    return accepted
+
+
 def make_rule(name: str, **options: Any) -> LearningRule:
     """Return a new rule called ``name`` with ``options``; unknown names or options raise."""
     try:
         cls = RULES[name]
     except KeyError:
         raise ConfigError(f"unknown rule {name!r}; choose one of {', '.join(sorted(RULES))}") from None
+    accepted = _accepted_options(cls)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        valid = ", ".join(accepted) if accepted else "none"
+        raise ConfigError(f"rule {name!r}: invalid option(s) {', '.join(unknown)}; its options are: {valid}")
     try:
         return cls(**options)
     except TypeError as exc:

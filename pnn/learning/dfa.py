@@ -1,83 +1,66 @@
 """Direct feedback alignment (Nokland 2016, "Direct feedback alignment provides learning in deep
 neural networks", NeurIPS).
 
-Every hidden node receives the output error through its own fixed feedback path B_l and turns
-it into a local update, delta_l = (B_l e) * f'(a_l) and dW_l = delta_l h_{l-1}^T; the last
+Every hidden node receives the output error through its own feedback path B_l and turns it
+into a local update, delta_l = (B_l e) * f'(a_l) and dW_l = delta_l h_{l-1}^T; the last
 trainable node receives the true error (through the readout), so its update equals the backprop
 gradient. No error travels back through the network, so the hardware never runs backwards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import numpy as np
 
-from ..errors import ConfigError
 from ..network import PhysicalNetwork
-from .base import LearningRule, RuleContext, StepResult, forward_checked, register_rule
-from .feedback import FEEDBACK_STRATEGIES, Feedback, IdentityFeedback, PhysicalFeedback, RandomFeedback
+from .alignment import AlignmentRule, FeedbackRoute
+from .base import RuleContext, StepResult, forward_checked, register_rule
 
-__all__ = ["DFA"]
+__all__ = ["DFA", "direct_routes"]
+
+
+def direct_routes(network: PhysicalNetwork, hidden: list[int]) -> list[FeedbackRoute]:
+    """Return the routes from each hidden node's outputs to the network's outputs.
+
+    A direct feedback path B_l of shape (n_l, n_out) replaces the transposed Jacobian of the
+    network output with respect to node l's outputs.
+    """
+    last = len(network) - 1
+    return [
+        FeedbackRoute(
+            key=i, n_target=network[i].n_out, n_error=network.n_out, first=i + 1, last=last, response="outputs",
+            mismatch=f"node {network[i].name!r} has {network[i].n_out} outputs but the network has {network.n_out}",
+        )
+        for i in hidden
+    ]
 
 
 @register_rule
-class DFA(LearningRule):
+class DFA(AlignmentRule):
     """Direct feedback alignment.
 
     Parameters
     ----------
     feedback
-        Feedback path for hidden nodes: ``"random"``, ``"identity"`` or ``"physical"`` (see
-        :mod:`pnn.learning.feedback`).
-    feedback_scale
-        Scale of the random feedback matrices (and of the physical feedback node's weights).
+        Feedback path for hidden nodes: ``"random"``, ``"identity"``, ``"physical"`` or
+        ``"learned"`` (see :mod:`pnn.learning.feedback`). Learned paths track the Jacobian of the
+        network output with respect to the node's outputs, measured by adding noise there.
+    feedback_scale, feedback_rate, feedback_noise
+        See :class:`~pnn.learning.alignment.AlignmentRule`.
     """
 
     name = "dfa"
 
-    def __init__(self, feedback: str = "random", feedback_scale: float = 1.0) -> None:
-        if feedback not in FEEDBACK_STRATEGIES:
-            raise ConfigError(f"unknown feedback {feedback!r} for rule 'dfa'; choose one of {', '.join(FEEDBACK_STRATEGIES)}")
-        if not feedback_scale > 0:
-            raise ConfigError(f"feedback_scale must be positive, got {feedback_scale}")
-        self.feedback = feedback
-        self.feedback_scale = float(feedback_scale)
-        self.paths_: dict[int, Feedback] = {}
+    def __init__(
+        self,
+        feedback: str = "random",
+        feedback_scale: float = 1.0,
+        feedback_rate: float = 0.05,
+        feedback_noise: float = 0.1,
+    ) -> None:
+        super().__init__(feedback, feedback_scale, feedback_rate, feedback_noise)
 
-    def check(self, network: PhysicalNetwork) -> None:
-        super().check(network)
-        last = network.trainable_indices[-1]
-        for node in network.nodes[last + 1 :]:
-            if not node.has_input_gradient:
-                raise ConfigError(
-                    f"rule 'dfa': node {node.name!r} after the last trainable node has no model to "
-                    "pass the output error back; make it trainable or put a digital readout there"
-                )
-        if self.feedback == "identity":
-            for i in network.trainable_indices[:-1]:
-                if network[i].n_out != network.n_out:
-                    raise ConfigError(
-                        f"rule 'dfa' with identity feedback: node {network[i].name!r} has "
-                        f"{network[i].n_out} outputs but the network has {network.n_out}; "
-                        "use random feedback or equal widths"
-                    )
-
-    def setup(self, network: PhysicalNetwork, context: RuleContext) -> None:
-        self.check(network)
-        if self.feedback == "physical" and context.node_factory is None:
-            raise ConfigError("rule 'dfa' with physical feedback needs a device to build the feedback node on")
-        self.paths_ = {}
-        for i in network.trainable_indices[:-1]:
-            n_target = network[i].n_out
-            if self.feedback == "random":
-                self.paths_[i] = RandomFeedback(n_target, network.n_out, context.rng, self.feedback_scale)
-            elif self.feedback == "identity":
-                self.paths_[i] = IdentityFeedback()
-            else:
-                node = context.node_factory(network.n_out, n_target, f"feedback-{network[i].name}", "linear")
-                self.paths_[i] = PhysicalFeedback(node)
+    def routes(self, network: PhysicalNetwork) -> list[FeedbackRoute]:
+        return direct_routes(network, network.trainable_indices[:-1])
 
     def compute(self, network: PhysicalNetwork, x: np.ndarray, labels: np.ndarray, context: RuleContext) -> StepResult:
         outputs = forward_checked(network, x)
@@ -90,14 +73,5 @@ class DFA(LearningRule):
         gradients[last] = network[last].local_gradient(states[last], network.backward_to(last, error))
         for i in indices[:-1]:
             gradients[i] = network[i].local_gradient(states[i], self.paths_[i].project(error))
+        self.remember(states)
         return StepResult(loss=loss, outputs=outputs, gradients=gradients)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {str(i): path.state_dict() for i, path in self.paths_.items()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        for i, path in self.paths_.items():
-            path.load_state_dict(state[str(i)])
-
-    def describe(self) -> dict[str, Any]:
-        return {"rule": self.name, "feedback": self.feedback, "feedback_scale": self.feedback_scale}

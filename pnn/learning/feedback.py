@@ -10,6 +10,12 @@ Each path maps an error of shape (batch, n_error) to a signal of shape (batch, n
   signal, as in optical DFA hardware that projects the error through a scattering medium
   (Launay et al. 2020, "Hardware beyond backpropagation: a photonic co-processor for direct
   feedback alignment", arXiv:2012.06373).
+- ``learned``: a matrix B that starts as the random one and is trained to track the transposed
+  Jacobian of the part of the network it replaces. The rule injects small noise where the
+  feedback signal arrives, measures the response where the error is taken, and moves B towards
+  the measured correlation, in the manner of the weight mirrors of Akrout et al. 2019 ("Deep
+  learning without weight transport", NeurIPS). Only forward measurements are needed, so it
+  runs on hardware.
 """
 
 from __future__ import annotations
@@ -22,9 +28,16 @@ import numpy as np
 from ..errors import ConfigError, MeasurementError
 from ..nodes import Node
 
-__all__ = ["Feedback", "RandomFeedback", "IdentityFeedback", "PhysicalFeedback", "FEEDBACK_STRATEGIES"]
+__all__ = [
+    "Feedback",
+    "RandomFeedback",
+    "IdentityFeedback",
+    "PhysicalFeedback",
+    "LearnedFeedback",
+    "FEEDBACK_STRATEGIES",
+]
 
-FEEDBACK_STRATEGIES = ("random", "identity", "physical")
+FEEDBACK_STRATEGIES = ("random", "identity", "physical", "learned")
 
 
 class Feedback:
@@ -90,3 +103,69 @@ class PhysicalFeedback(Feedback):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.node.load_state_dict(state["node"])
+
+
+class LearnedFeedback(RandomFeedback):
+    """Feedback matrix B of shape (n_target, n_error), trained towards the transposed Jacobian.
+
+    The part of the network that B replaces maps a change at the target (batch, n_target) to a
+    change of the error source (batch, n_error) through a Jacobian J of shape
+    (n_error, n_target). Backprop would send the error back with J^T, which has B's shape.
+    :meth:`learn` takes one measured perturbation and its response and moves B a fraction
+    ``rate`` of the way to the per-row least-squares estimate of J^T, so B is an exponential
+    moving average of measured Jacobians over the operating points seen in training.
+
+    Parameters
+    ----------
+    n_target, n_error
+        Widths of the signal that B produces and of the error it receives.
+    rng
+        Generator for the random starting matrix.
+    scale
+        Scale of the random starting matrix (see :class:`RandomFeedback`).
+    rate
+        Fraction of the way from B to each new estimate, in (0, 1].
+    """
+
+    def __init__(
+        self, n_target: int, n_error: int, rng: np.random.Generator, scale: float = 1.0, rate: float = 0.05
+    ) -> None:
+        super().__init__(n_target, n_error, rng, scale)
+        if not 0 < rate <= 1:
+            raise ConfigError(f"learned feedback rate must be in (0, 1], got {rate}")
+        self.rate = float(rate)
+
+    def learn(self, perturbation: np.ndarray, response: np.ndarray, std: float) -> int:
+        """Move B towards the Jacobian estimate from one perturbation measurement.
+
+        Parameters
+        ----------
+        perturbation
+            Change applied at the target, as applied by the hardware, array of shape
+            (batch, n_target).
+        response
+            Measured change of the error source, array of shape (batch, n_error).
+        std
+            Standard deviation the perturbation was drawn with. Rows of B whose perturbation
+            carried less than a quarter of the nominal energy ``batch * std**2`` (inputs clipped
+            at a limit, say) keep their value, because their estimate would be mostly noise.
+
+        Returns
+        -------
+        int
+            Number of rows of B that were updated.
+        """
+        p = np.asarray(perturbation, dtype=np.float64)
+        r = np.asarray(response, dtype=np.float64)
+        if p.shape != (r.shape[0], self.matrix.shape[0]) or r.shape[1:] != (self.matrix.shape[1],):
+            raise ConfigError(
+                f"learned feedback of shape {self.matrix.shape} got a perturbation of shape {p.shape} "
+                f"and a response of shape {r.shape}"
+            )
+        energy = np.einsum("bi,bi->i", p, p)  # (n_target,)
+        rows = energy >= 0.25 * p.shape[0] * std * std
+        if not np.any(rows):
+            return 0
+        estimate = (p[:, rows].T @ r) / energy[rows, None]  # (n_rows, n_error), estimates J^T
+        self.matrix[rows] += self.rate * (estimate - self.matrix[rows])
+        return int(np.count_nonzero(rows))

@@ -414,6 +414,13 @@ class OpticalNode(Node):
         _, grad_x = self._model_gradient(x_applied, np.ascontiguousarray(delta, dtype=FLOAT))
         return grad_x
 
+    def preactivation_error(self, state: NodeState, output_error: np.ndarray) -> np.ndarray:
+        """Multiply the error by the nonlinearity's derivative at the measured pre-activation.
+
+        Readings clipped by the readout get no error, as in :meth:`local_gradient`.
+        """
+        return self._preactivation_error(state, self.check_error(state, output_error), "output")
+
     # ----------------------------------------------------------------------------- lifecycle
     def identity(self) -> dict[str, Any]:
         info = super().identity()

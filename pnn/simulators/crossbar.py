@@ -575,6 +575,10 @@ class CrossbarNode(Node):
         delta = self._preactivation_error(state, error, "output")
         return delta @ self._w.astype(np.float64)
 
+    def preactivation_error(self, state: NodeState, output_error: np.ndarray) -> np.ndarray:
+        """Multiply the error by the nonlinearity's derivative at the measured pre-activation."""
+        return self._preactivation_error(state, self.check_error(state, output_error), "output")
+
     # ---------------------------------------------------------------------------- lifecycle
     def identity(self) -> dict[str, Any]:
         info = super().identity()
