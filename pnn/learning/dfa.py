@@ -50,15 +50,6 @@ class DFA(AlignmentRule):
 
     name = "dfa"
 
-    def __init__(
-        self,
-        feedback: str = "random",
-        feedback_scale: float = 1.0,
-        feedback_rate: float = 0.05,
-        feedback_noise: float = 0.1,
-    ) -> None:
-        super().__init__(feedback, feedback_scale, feedback_rate, feedback_noise)
-
     def routes(self, network: PhysicalNetwork) -> list[FeedbackRoute]:
         return direct_routes(network, network.trainable_indices[:-1])
 

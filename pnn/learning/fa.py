@@ -45,15 +45,6 @@ class FA(AlignmentRule):
 
     name = "fa"
 
-    def __init__(
-        self,
-        feedback: str = "random",
-        feedback_scale: float = 1.0,
-        feedback_rate: float = 0.05,
-        feedback_noise: float = 0.1,
-    ) -> None:
-        super().__init__(feedback, feedback_scale, feedback_rate, feedback_noise)
-
     def routes(self, network: PhysicalNetwork) -> list[FeedbackRoute]:
         routes = []
         for j in network.trainable_indices[1:]:

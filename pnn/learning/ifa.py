@@ -47,15 +47,6 @@ class IFA(AlignmentRule):
 
     name = "ifa"
 
-    def __init__(
-        self,
-        feedback: str = "random",
-        feedback_scale: float = 1.0,
-        feedback_rate: float = 0.05,
-        feedback_noise: float = 0.1,
-    ) -> None:
-        super().__init__(feedback, feedback_scale, feedback_rate, feedback_noise)
-
     def routes(self, network: PhysicalNetwork) -> list[FeedbackRoute]:
         hidden = network.trainable_indices[:-1]
         return direct_routes(network, hidden[:1])
