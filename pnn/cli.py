@@ -9,6 +9,7 @@ interrupted run with 130. ``--debug`` shows the traceback. This module imports n
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import logging
 import sys
@@ -71,10 +72,28 @@ def _configure_logging(args: argparse.Namespace) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+def _reject_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace, extras: list[str]) -> None:
+    """Exit with a usage error from the subcommand's parser, suggesting the nearest option."""
+    command = getattr(args, "command", None)
+    target = parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            target = action.choices[command]
+    message = f"unrecognized arguments: {' '.join(extras)}"
+    options = [option for action in target._actions for option in action.option_strings]
+    unknown = next((extra.split("=", 1)[0] for extra in extras if extra.startswith("--")), None)
+    close = difflib.get_close_matches(unknown, options, n=1) if unknown else []
+    if close:
+        message += f" (did you mean {close[0]}?)"
+    target.error(message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        _reject_unknown(parser, args, extras)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE

@@ -133,7 +133,7 @@ STATION_CASES = [
     (lambda e: [('transfer = "binary"', 'transfer = "binary"\ncommands = {level_set = "SOUR{chan}:VOLT {value}"}')],
      "commands.level_set = 'SOUR{chan}:VOLT {value}' uses {chan}"),
     (lambda e: [('channels = "1:12"', 'channels = "1001:1012"')], "rejected the query: -114"),
-    (lambda e: [(e.resource, f"TCPIP::127.0.0.1::{_free_port()}::SOCKET")], "is unreachable"),
+    (lambda e: [(e.resource, f"TCPIP::127.0.0.1::{_free_port()}::SOCKET")], "is unreachable: emulator: cannot reach"),
     (lambda e: [('identity = "PNN,EMULATED-SCPI"', 'identity = "ACME,DAQ-8"')], "but the station file expects 'ACME,DAQ-8'"),
     (lambda e: [('transfer = "binary"', 'transfer = "binary"\nread_termination = "\\r\\n"')], "terminator mismatch"),
 ]

@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from ..errors import ConfigError
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``pnn sweep``."""
@@ -63,7 +65,12 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     folder = Path(args.out) if args.out else spec.out
 
     if args.plot:
-        from ..sweep.plot import plot_sweep  # noqa: PLC0415 - needs matplotlib
+        try:
+            from ..sweep.plot import plot_sweep  # noqa: PLC0415 - needs matplotlib
+        except ImportError as exc:
+            raise ConfigError(
+                f"pnn sweep --plot needs matplotlib ({exc}); install it with: pip install 'pnn-lab[plot]'"
+            ) from None
 
         target = Path(args.plot_file) if args.plot_file else folder / f"{args.metric}.png"
         print(f"plot: {plot_sweep(spec, folder / RESULTS_FILE, target, metric=args.metric)}")

@@ -206,6 +206,9 @@ class Transport(ABC):
         self.stats = TransportStats()
         self._rx = bytearray()
         self._is_open = False
+        # Whether any byte arrived since the link was opened: a failure before that is a failed
+        # connection, not a lost one.
+        self._received_data = False
         self._needs_resync = False
         self._sync_query: bytes | None = None
         self._sync_reply: bytes | None = None
@@ -251,6 +254,7 @@ class Transport(ABC):
                 return
             self._open()
             self._is_open = True
+            self._received_data = False
             self._rx.clear()
             self._needs_resync = False
             log.info("%s: connected to %s over %s", self.name, self.resource, self.kind)
@@ -357,6 +361,8 @@ class Transport(ABC):
             if limit > count:
                 count = max(count, min(self._available(), limit))
             chunk = self._read_chunk(count, stop_at_terminator=stop_at_terminator)
+            if chunk:
+                self._received_data = True
         finally:
             elapsed = time.perf_counter() - start
             self.stats.io_s += elapsed
@@ -612,7 +618,13 @@ class Transport(ABC):
         except Exception:  # noqa: BLE001 - the link is already broken; closing is best effort
             pass
         self._record("close")
-        message = f"{self.name}: the connection to {self.resource} was lost ({exc}); reconnect to continue"
+        if self._received_data:
+            message = f"{self.name}: the connection to {self.resource} was lost ({exc}); reconnect to continue"
+        else:
+            message = (
+                f"{self.name}: cannot reach {self.resource} ({exc}); check that the instrument (or emulator) "
+                "is running and connected, and the resource string"
+            )
         log.warning("%s", message)
         return ConnectionLost(message)
 

@@ -59,6 +59,22 @@ __all__ = [
 LayerFactory = Callable[..., Node]
 
 
+def _check_setting_type(device: str, key: str, value: Any, current: Any) -> None:
+    """Raise ConfigError unless ``value`` has the type of the setting's present value ``current``."""
+    if isinstance(current, bool):
+        ok, expected = isinstance(value, bool), "true or false"
+    elif isinstance(current, (int, np.integer)):
+        ok, expected = isinstance(value, (int, np.integer)) and not isinstance(value, bool), "a whole number"
+    elif isinstance(current, (float, np.floating)):
+        ok, expected = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool), "a number"
+    else:
+        return  # text and optional settings: the dataclass checks those itself
+    if not ok:
+        raise ConfigError(
+            f"device {device!r} setting {key}={value!r} is invalid; give {expected}, for example {key}={current!r}"
+        )
+
+
 @dataclass(frozen=True)
 class DeviceKind:
     """A family of simulated devices: its presets and how to build one layer."""
@@ -89,7 +105,12 @@ class DeviceKind:
             raise ConfigError(
                 f"device {self.name!r} has no setting(s) {unknown}; its settings are {', '.join(sorted(known))}"
             )
-        config = dataclasses.replace(config, **options)
+        for key, value in options.items():
+            _check_setting_type(self.name, key, value, getattr(config, key))
+        try:
+            config = dataclasses.replace(config, **options)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"device {self.name!r}: invalid settings {options}: {exc}") from None
         if stages_off:
             config = config.without(*stages_off)
         return config
