@@ -124,6 +124,9 @@ class DigitalLinear(Node):
             steps[name] = (step, lower, upper)
         applied = {}
         for name, (step, lower, upper) in steps.items():
+            if not getattr(self, name).flags.c_contiguous:
+                # The kernel writes through a flat view; a strided array would give it a copy.
+                setattr(self, name, np.ascontiguousarray(getattr(self, name)))
             out = np.empty(step.shape)
             clamped = add_kernel(getattr(self, name).reshape(-1), step.reshape(-1), lower, upper, out.reshape(-1))
             if clamped:

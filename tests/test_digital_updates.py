@@ -99,3 +99,11 @@ def test_allocator_thresholds_opt_out_and_set_once(monkeypatch):
     # A second call does nothing, whatever the environment holds by then.
     monkeypatch.delenv("PNN_DEFAULT_MALLOC")
     assert _allocator.keep_freed_memory() is False
+
+
+def test_update_reaches_weights_assigned_as_a_transposed_view():
+    node = _layer()
+    node.weight = np.ascontiguousarray(node.weight.T).T  # same values, Fortran order
+    before = node.get_parameters()["weight"]
+    node.apply_update({"weight": np.full((3, 5), 0.125)})
+    np.testing.assert_allclose(node.get_parameters()["weight"], before + 0.125, atol=1e-7)
