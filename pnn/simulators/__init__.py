@@ -109,6 +109,8 @@ class DeviceKind:
             _check_setting_type(self.name, key, value, getattr(config, key))
         try:
             config = dataclasses.replace(config, **options)
+        except ConfigError:
+            raise  # the settings' own check already names the value and the range
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"device {self.name!r}: invalid settings {options}: {exc}") from None
         if stages_off:
