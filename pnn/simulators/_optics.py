@@ -35,6 +35,7 @@ from numba import njit
 from ..activations import get_activation
 from ..errors import ConfigError
 from ..nodes import ErrorSite, Node, NodeState, ParameterSpec
+from ._stage_settings import StageSettings as _StageSettings
 
 log = logging.getLogger(__name__)
 
@@ -151,44 +152,8 @@ def check_bits(owner: str, name: str, value: int, low: int = 2, high: int = 24) 
         raise ConfigError(f"{owner} {name} must be an integer between {low} and {high}, got {value}")
 
 
-class StageConfigMixin:
-    """``without``, ``enabled`` and ``replace`` for frozen settings dataclasses with stages.
-
-    Subclasses define the class attributes ``_stages`` (stage names) and ``_owner`` (the device
-    name used in messages), and a ``disabled`` field.
-    """
-
-    _stages: tuple[str, ...] = ()
-    _owner: str = "device"
-    disabled: frozenset[str]
-
-    def _check_stages(self) -> None:
-        object.__setattr__(self, "disabled", frozenset(self.disabled))
-        unknown = sorted(self.disabled - set(self._stages))
-        if unknown:
-            raise ConfigError(f"unknown {self._owner} stage(s) {unknown}; the stages are {', '.join(self._stages)}")
-
-    def without(self, *stages: str) -> Any:
-        """Return a copy with the named stages switched off (``"all"`` for every stage)."""
-        names = set(self._stages) if "all" in stages else set(stages)
-        unknown = sorted(names - set(self._stages))
-        if unknown:
-            raise ConfigError(f"unknown {self._owner} stage(s) {unknown}; the stages are {', '.join(self._stages)}")
-        return dataclasses.replace(self, disabled=self.disabled | names)
-
-    def enabled(self, stage: str) -> bool:
-        """True when ``stage`` is switched on."""
-        return stage not in self.disabled
-
-    def replace(self, **changes: Any) -> Any:
-        """Return a copy with fields changed; unknown field names raise ConfigError."""
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown {self._owner} setting(s) {unknown}; the settings are {', '.join(sorted(known))}"
-            )
-        return dataclasses.replace(self, **changes)
+class StageConfigMixin(_StageSettings):
+    """The shared stage handling, plus the checks of the optical gradient settings."""
 
     def _check_gradient_settings(self) -> None:
         method = getattr(self, "gradient_method")

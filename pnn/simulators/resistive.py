@@ -61,6 +61,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..nodes import ErrorSite, Node, NodeState, ParameterSpec
+from ._stage_settings import StageSettings
 from .resistive_kernels import adjoint_kernel, settle_kernel
 
 __all__ = [
@@ -89,8 +90,11 @@ _UA_PER_A = 1e6
 
 
 @dataclass(frozen=True)
-class ResistiveConfig:
+class ResistiveConfig(StageSettings):
     """Device, diode and solver settings of a simulated resistive network."""
+
+    _stages = RESISTIVE_STAGES
+    _owner = "resistive"
 
     g_min: float = 1.0
     """Lowest programmable conductance of one device, in microsiemens (typical value)."""
@@ -164,31 +168,6 @@ class ResistiveConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"resistive {name} must be a finite number >= 0, got {value!r}")
-
-    def without(self, *stages: str) -> ResistiveConfig:
-        """Return a copy with the named stages switched off (``"all"`` for every stage).
-
-        Raises
-        ------
-        ConfigError
-            For a name that is not a stage.
-        """
-        names = set(RESISTIVE_STAGES) if "all" in stages else set(stages)
-        return dataclasses.replace(self, disabled=self.disabled | names)
-
-    def enabled(self, stage: str) -> bool:
-        """True when ``stage`` is switched on."""
-        return stage not in self.disabled
-
-    def replace(self, **changes: Any) -> ResistiveConfig:
-        """Return a copy with fields changed; unknown field names raise ConfigError."""
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown resistive setting(s) {unknown}; the settings are {', '.join(sorted(known))}"
-            )
-        return dataclasses.replace(self, **changes)
 
     @property
     def level_step(self) -> float:
