@@ -17,7 +17,7 @@ from .rule_helpers import crossbar_network, digital_network, finite_difference, 
 
 
 class Miscalibrated(DigitalLinear):
-    """Hardware that computes f(gain * (W x + b) + offset) while its model says f(W x + b)."""
+    """Hardware that computes f(gain * (W x + b) + offset) while its model predicts f(W x + b)."""
 
     gradient_method = "adjoint"
 

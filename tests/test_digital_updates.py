@@ -58,7 +58,7 @@ def test_update_outside_the_limits_writes_nothing():
         np.testing.assert_array_equal(after[name], before[name])
 
 
-def test_clip_limits_the_update_and_reports_what_was_applied():
+def test_clip_limits_and_reports_applied():
     node = _layer()
     before = node.get_parameters()
     delta = {"weight": np.full((3, 5), 0.01), "bias": np.array([2.5, -0.5, -3.0])}
@@ -96,7 +96,7 @@ def test_allocator_thresholds_opt_out_and_set_once(monkeypatch):
     monkeypatch.setattr(_allocator, "_done", False)
     monkeypatch.setenv("PNN_DEFAULT_MALLOC", "1")
     assert _allocator.keep_freed_memory() is False
-    # A second call does nothing, whatever the environment holds by then.
+    # A second call does nothing, whatever the environment contains by then.
     monkeypatch.delenv("PNN_DEFAULT_MALLOC")
     assert _allocator.keep_freed_memory() is False
 

@@ -104,7 +104,8 @@ def test_states_stay_in_unit_box():
     state = node.settle(x, 10.0 * np.random.default_rng(1).normal(size=(9, 4)), iterations=50).probes["state"]
     assert np.all(state >= 0.0)
     assert np.all(state <= 1.0)
-    assert np.any(state == 0.0) and np.any(state == 1.0)
+    assert np.any(state == 0.0)
+    assert np.any(state == 1.0)
 
 
 def test_settling_lowers_energy():

@@ -180,10 +180,10 @@ def test_no_command_leaves_the_limits(emulator, tmp_path, banks, set_only, unkno
         assert not [write for write in emulator.level_writes() if write[1] in parameter_channels]
 
 
-def test_a_level_just_outside_narrowed_limits_is_not_moved_onto_them(emulator, tmp_path):
-    # Found by the property above: a level one DAC step above a limit that the station narrowed
-    # was taken for read-back rounding and moved onto the limit, so the ramp to the safe value
-    # started one step away from the real level and its first step exceeded max_step.
+def test_narrowed_limit_level_not_snapped(emulator, tmp_path):
+    # Found by the property above. A level one DAC step above a limit that the station narrowed
+    # was taken for read-back rounding and moved onto the limit. The ramp to the safe value then
+    # started one step away from the real level, and its first step exceeded max_step.
     hardware = emulator.hardware
     emulator.faults.clear()
     hardware.readback_overshoot = False

@@ -6,10 +6,10 @@ part. :class:`AlignmentRule` builds one path per route with the chosen strategy 
 ``identity``, ``physical`` or ``learned``, see :mod:`pnn.learning.feedback`), checks the
 network, checkpoints the paths and trains learned ones after each update.
 
-Learned feedback is trained from forward measurements only (:func:`measure_response`): noise
-is added to the signal entering the route, the route is run on the clean and the perturbed
-signal in one batch, and the change of its output (or pre-activation) is the response whose
-correlation with the noise estimates the route's Jacobian.
+Learned feedback is trained from forward measurements only (:func:`measure_response`). Noise is
+added to the signal entering the route, and the route runs on the clean and the perturbed signal
+in one batch. The change of its output (or pre-activation) is the response, and its correlation
+with the noise estimates the route's Jacobian.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class FeedbackRoute:
 
     The route runs from the inputs of node ``first`` to node ``last`` (inclusive). Its
     Jacobian maps a change of node ``first``'s inputs, shape (batch, n_target), to a change of
-    node ``last``'s outputs or pre-activation (``response``), shape (batch, n_error); the
+    node ``last``'s outputs or pre-activation (``response``), shape (batch, n_error). The
     feedback path carries an error the other way.
 
     Attributes

@@ -42,7 +42,7 @@ NodeFactory = Callable[[int, int, str, str], Node]
 class RuleContext:
     """What a rule may use besides the network: randomness, the loss and the device factory.
 
-    ``batch_indices`` holds the positions in the training set of the batch being computed, set
+    ``batch_indices`` contains the positions in the training set of the batch being computed, set
     by the controller before each step (None outside training); rules that keep a state per
     example (equilibrium propagation's persistent states) key it by these.
 

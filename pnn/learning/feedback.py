@@ -111,8 +111,8 @@ class LearnedFeedback(RandomFeedback):
     The part of the network that B replaces maps a change at the target (batch, n_target) to a
     change of the error source (batch, n_error) through a Jacobian J of shape
     (n_error, n_target). Backprop would send the error back with J^T, which has B's shape.
-    :meth:`learn` takes one measured perturbation and its response and moves B a fraction
-    ``rate`` of the way to the per-row least-squares estimate of J^T, so B is an exponential
+    :meth:`learn` takes one measured perturbation and its response, and moves B a fraction
+    ``rate`` of the way to the per-row least-squares estimate of J^T. B is thus an exponential
     moving average of measured Jacobians over the operating points seen in training.
 
     Parameters
