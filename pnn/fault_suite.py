@@ -89,6 +89,9 @@ class Scenario:
     set_only: str | None = None
     """``"safe"`` or ``"refuse"``: the station reads no level back, with this unknown_start."""
     readback_overshoot: bool = False
+    after_recovery: bool = False
+    """Whether each injection waits for a batch accepted since the previous one. Two outages
+    that overlap would add up towards the failures in a row that stop a run."""
     lr: float = 0.05
     special: str | None = None
     """What the scenario does besides injecting: ``"threads"`` (a second thread queries the
@@ -164,7 +167,8 @@ SCENARIOS: list[Scenario] = [
     Scenario("no_reply", "reply that never comes", ("scpi",), _queue("no_reply"), ("no_reply",)),
     Scenario("disconnect", "connection dropped in the middle of a reply", ("scpi", "serial"),
              _queue("disconnect"), ("disconnect",), faults=FaultConfig(reappear_s=0.3)),
-    Scenario("port_gone", "serial port that disappears and comes back", ("serial",), _port_gone),
+    Scenario("port_gone", "serial port that disappears and comes back", ("serial",), _port_gone,
+             after_recovery=True),
     Scenario("slow", "instrument slower than the timeout for 0.8 s", ("scpi",), _queue("slow", slow_s=0.8), ("slow",),
              faults=FaultConfig(slow_latency_s=0.35)),
     Scenario("threads", "two threads sharing one instrument", ("scpi", "serial"), special="threads"),
@@ -253,11 +257,16 @@ def _train(scenario: Scenario, run: _Run, seed: int, result: FaultResult) -> str
     """Train with the scenario's injections; return how the run ended."""
     x_train, y_train, x_test, y_test = _dataset(seed)
     network = PhysicalNetwork([Encoder(N_IN, lower=-1.0, upper=1.0).fit(x_train), *run.nodes, Readout(N_OUT)])
-    calls = {"n": 0}
+    calls = {"n": 0, "due": 0}
 
     def hook(controller: PhysicalNoProp, record: dict[str, Any]) -> None:
         calls["n"] += 1
-        if scenario.inject is not None and calls["n"] in INJECT_AT:
+        if scenario.inject is None:
+            return
+        calls["due"] += calls["n"] in INJECT_AT
+        recovered = record["outcome"] == "accepted" or not scenario.after_recovery
+        if calls["due"] and recovered:
+            calls["due"] -= 1
             scenario.inject(run)
 
     folder = RunDir.create(run.workdir / "run", {"fault_suite": scenario.kind, "seed": seed})
