@@ -166,7 +166,7 @@ SCENARIOS: list[Scenario] = [
     Scenario("partial", "reply cut off without its terminator", ("scpi",), _queue("partial"), ("partial",)),
     Scenario("no_reply", "reply that never comes", ("scpi",), _queue("no_reply"), ("no_reply",)),
     Scenario("disconnect", "connection dropped in the middle of a reply", ("scpi", "serial"),
-             _queue("disconnect"), ("disconnect",), faults=FaultConfig(reappear_s=0.3)),
+             _queue("disconnect"), ("disconnect",), faults=FaultConfig(reappear_s=0.3), after_recovery=True),
     Scenario("port_gone", "serial port that disappears and comes back", ("serial",), _port_gone,
              after_recovery=True),
     Scenario("slow", "instrument slower than the timeout for 0.8 s", ("scpi",), _queue("slow", slow_s=0.8), ("slow",),
