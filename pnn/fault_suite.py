@@ -89,6 +89,8 @@ class Scenario:
     set_only: str | None = None
     """``"safe"`` or ``"refuse"``: the station reads no level back, with this unknown_start."""
     readback_overshoot: bool = False
+    checksum: bool = False
+    """Whether the station switches the board's CRC-32 on binary batches on."""
     after_recovery: bool = False
     """Whether each injection waits for a batch accepted since the previous one. Two outages
     that overlap would add up towards the failures in a row that stop a run."""
@@ -161,6 +163,8 @@ SCENARIOS: list[Scenario] = [
              _queue("split", 2, split_pieces=6, split_pause_s=0.02), ("split",)),
     Scenario("wrong_terminator", "reply ending with another terminator", ("scpi", "serial"),
              _queue("wrong_terminator"), ("wrong_terminator",)),
+    Scenario("bitflip", "bit flipped in a binary reply, checksum on", ("serial",), _queue("bitflip"), ("bitflip",),
+             checksum=True),
     Scenario("overrange", "overrange reading (9.9E37)", ("scpi", "serial"), _queue("overrange"), ("overrange",)),
     Scenario("garbled", "garbled reply (ASCII transfer)", ("scpi",), _queue("garbled"), ("garbled",), transfer="ascii"),
     Scenario("partial", "reply cut off without its terminator", ("scpi",), _queue("partial"), ("partial",)),
@@ -211,6 +215,8 @@ def _start(scenario: Scenario, kind: str, seed: int, workdir: Path) -> Emulator:
 
 def _station_text(emulator: Emulator, scenario: Scenario) -> str:
     lines = ["reconnect_backoff_s = 0.05"]
+    if scenario.checksum:
+        lines.append("checksum = true")
     if scenario.set_only:
         lines += ["[instruments.emulator.commands]", 'level_get = ""']
     text = emulator.station_toml(timeout_s=TIMEOUT_S, deadline_s=DEADLINE_S, transfer=scenario.transfer,

@@ -49,6 +49,7 @@ REQUIRED_KINDS = {
     "set-only output without a known start (refuse)": "set_only_refuse",
     "garbled reply": "garbled",
     "partial reply": "partial",
+    "corrupted binary payload, checksum on": "bitflip",
 }
 
 
@@ -71,7 +72,7 @@ def test_fault_suite(kind):
     assert not result.problems
     if scenario.kind in ("disconnect", "port_gone"):
         assert result.reconnects >= 1
-    if scenario.kind in ("overrange", "garbled", "persistent"):
+    if scenario.kind in ("overrange", "garbled", "persistent", "bitflip"):
         assert result.rejected >= 1
     if scenario.kind in ("late", "trickle", "wrong_terminator", "partial", "no_reply", "slow"):
         assert result.retried >= 1

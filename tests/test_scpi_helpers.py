@@ -13,6 +13,7 @@ from pnn.devices.replay import Exchange, ReplayTransport
 from pnn.devices.scpi import (
     Choice,
     Range,
+    block_checksum,
     decode_values,
     encode_block,
     encode_values,
@@ -123,6 +124,41 @@ def test_read_block_rejects_trailing_bytes():
     transport.write("Q")
     with pytest.raises(InstrumentError, match="unexpected byte"):
         read_block(transport, where="test")
+
+
+def test_block_checksum_is_crc32():
+    # The standard CRC-32 check value: the nine ASCII digits 1 to 9 give CBF43926.
+    assert block_checksum(b"123456789") == b"CBF43926"
+
+
+def test_read_block_accepts_matching_checksum():
+    payload = b"\x00\n#\xff" * 4
+    transport = ReplayTransport([Exchange(b"Q\n", encode_block(payload) + block_checksum(payload) + b"\n")])
+    transport.open()
+    transport.write("Q")
+    assert read_block(transport, where="test", checksum=True) == payload
+
+
+def test_read_block_checksum_mismatch():
+    payload = b"abcd"
+    transport = ReplayTransport([
+        Exchange(b"Q\n", encode_block(b"abce") + block_checksum(payload) + b"\n"),
+        Exchange(b"*OPC?\n", b"1\n"),
+    ])
+    transport.open()
+    transport.write("Q")
+    with pytest.raises(MeasurementError, match="checksum .* does not match"):
+        read_block(transport, where="test", checksum=True)
+    # The whole line was read, so the next query gets its own reply.
+    assert transport.query("*OPC?") == "1"
+
+
+def test_read_block_missing_checksum_is_named():
+    transport = ReplayTransport([Exchange(b"Q\n", encode_block(b"abcd") + b"\n")])
+    transport.open()
+    transport.write("Q")
+    with pytest.raises(InstrumentError, match="expected an 8-digit checksum"):
+        read_block(transport, where="test", checksum=True)
 
 
 # --------------------------------------------------------------------- channel lists

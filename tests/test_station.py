@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pnn.devices import ConnectionLost, load_station, parse_station
-from pnn.emulators import EmulatedHardware, LayerSpec, ScpiEmulator
+from pnn.emulators import EmulatedHardware, LayerSpec, ScpiEmulator, SerialBoardEmulator
 from pnn.errors import ConfigError, InstrumentError, InstrumentTimeout
 
 
@@ -115,6 +115,7 @@ def test_unreachable_resource(station_text, tmp_path):
         (("timeout_s = 0.3", "timout_s = 0.3"), r"unknown key 'timout_s' in \[instruments.emulator\]; did you mean 'timeout_s'\?"),
         (('driver = "scpi-source-meter"', 'driver = "scpi-sorce"'), "unknown driver 'scpi-sorce'"),
         (('transfer = "binary"', 'transfer = "binary"\nmax_values_per_line = 4'), "driver 'scpi-source-meter' has no such option"),
+        (('transfer = "binary"', 'transfer = "binary"\nchecksum = true'), "driver 'scpi-source-meter' has no such option"),
         (("shape = [2, 3]", "shape = [3, 3]"), r"6 channel\(s\) for shape \[3, 3\]"),
         (('gradient = "outer-product"', 'gradient = "backprop"'), "'backprop' is not one of"),
     ],
@@ -124,6 +125,16 @@ def test_file_errors_name_file_table_and_key(station_text, tmp_path, change, mes
     with pytest.raises(ConfigError, match=message) as info:
         parse_station(path)
     assert str(path) in str(info.value)
+
+
+def test_serial_checksum_option_is_a_boolean(tmp_path):
+    hardware = EmulatedHardware([LayerSpec(3, 2, "tanh")], preset="ideal", seed=0)
+    with SerialBoardEmulator(hardware, link=tmp_path / "board") as emulator:
+        text = emulator.station_toml()
+    on = parse_station(_write(tmp_path, text.replace('transfer = "binary"', 'transfer = "binary"\nchecksum = true')))
+    assert on.instruments["emulator"].options["checksum"] is True
+    with pytest.raises(ConfigError, match="checksum.*expected"):
+        parse_station(_write(tmp_path, text.replace('transfer = "binary"', 'transfer = "binary"\nchecksum = "yes"')))
 
 
 def test_missing_safe_value_is_explained(station_text, tmp_path):

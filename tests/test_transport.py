@@ -16,7 +16,8 @@ from pnn.devices import ConnectionLost, ScpiSourceMeter, SerialBoard, SerialTran
 from pnn.devices.replay import ReplayTransport
 from pnn.devices.traffic import TrafficRecorder, read_recording
 from pnn.emulators import EmulatedHardware, LayerSpec, ScpiEmulator, SerialBoardEmulator
-from pnn.errors import InstrumentTimeout
+from pnn.devices.scpi import encode_block
+from pnn.errors import ConfigError, InstrumentError, InstrumentTimeout, MeasurementError
 
 FAST = TransportSettings(timeout_s=0.3, deadline_s=0.8, drain_quiet_s=0.05, drain_max_s=1.0)
 
@@ -191,6 +192,90 @@ def test_serial_port_disappears_and_comes_back(board_emulator):
     assert float(board.read_levels([4])[0]) == 0.5
     assert board.reconnects == 1
     board.close()
+
+
+def _board(emulator, **options):
+    transport = SerialTransport(emulator.resource, FAST, name="board")
+    board = SerialBoard(transport, name="board", **options)
+    board.connect()
+    return board
+
+
+BATCH = np.array([[0.5, -0.25, 0.125], [0.0, 0.75, -0.5]])
+
+
+def _run(board):
+    return board.run_batch([1, 2, 3], BATCH, [1, 2], settle_s=0.0, averages=1)
+
+
+def test_serial_checksum_gives_the_same_batch(board_emulator):
+    plain = _board(board_emulator)
+    expected = _run(plain)
+    plain.close()
+    board = _board(board_emulator, checksum=True)
+    np.testing.assert_array_equal(_run(board), expected)
+    assert board_emulator.checksum
+    board.close()
+
+
+def test_serial_bitflip_unnoticed_without_checksum(board_emulator):
+    # Why the checksum exists: a flipped payload bit becomes a wrong but plausible reading.
+    board = _board(board_emulator)
+    expected = _run(board)
+    board_emulator.inject("bitflip")
+    corrupted = _run(board)
+    assert board_emulator.faults.counts["bitflip"] == 1
+    assert not np.array_equal(corrupted, expected, equal_nan=True)
+    board.close()
+
+
+def test_serial_bitflip_with_checksum_is_invalid(board_emulator):
+    board = _board(board_emulator, checksum=True)
+    expected = _run(board)
+    board_emulator.inject("bitflip")
+    with pytest.raises(MeasurementError, match="checksum .* does not match its payload"):
+        _run(board)
+    np.testing.assert_array_equal(_run(board), expected)
+    board.close()
+
+
+def test_serial_board_refuses_corrupted_batch(board_emulator):
+    board = _board(board_emulator, checksum=True)
+    board.configure_batch([1, 2, 3], [1, 2], settle_s=0.0, averages=1)
+    batches_before = len(board_emulator.sequences)
+    data = np.asarray(BATCH, dtype="<f4").tobytes()
+    with board.exchange() as link:
+        link.write(b"RUNB 2 " + encode_block(data) + b"00000000")
+        reply = link.read_line()
+    assert reply.startswith(b"ERR 6")
+    assert len(board_emulator.sequences) == batches_before
+    board.close()
+
+
+def test_serial_reconnect_restores_checksum(board_emulator):
+    board = _board(board_emulator, checksum=True, reconnect_attempts=3, reconnect_backoff_s=0.3)
+    expected = _run(board)
+    board_emulator.disconnect(reappear_s=0.4)
+    time.sleep(0.05)
+    with pytest.raises(InstrumentError, match="lost"):
+        _run(board)
+    # The board comes back with checksums off; the reconnect switches them on before the batch.
+    np.testing.assert_array_equal(_run(board), expected)
+    assert board_emulator.checksum
+    board.close()
+
+
+def test_serial_checksum_needs_firmware_support(tmp_path):
+    hardware = EmulatedHardware([LayerSpec(3, 2, "tanh")], preset="ideal", seed=0)
+    with SerialBoardEmulator(hardware, link=tmp_path / "board", crc_command=False) as emulator:
+        with pytest.raises(InstrumentError, match="does not know the CRC command.*remove checksum"):
+            _board(emulator, checksum=True)
+
+
+def test_serial_checksum_needs_binary_transfer():
+    transport = SerialTransport("loop://", FAST, name="loop")
+    with pytest.raises(ConfigError, match='checksum covers binary batches only; set transfer = "binary"'):
+        SerialBoard(transport, name="board", transfer="ascii", checksum=True)
 
 
 def test_serial_loop_url_echoes():

@@ -43,7 +43,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                          help="standard deviation of extra Gaussian noise on every reading, in volts")
         sub.add_argument("--fault", action="append", metavar="KIND=RATE",
                          help="inject a fault with this probability per reply, repeatable; kinds: no_reply, late, "
-                              "split, partial, garbled, wrong_terminator, trickle, disconnect, slow, overrange")
+                              "split, partial, garbled, wrong_terminator, trickle, disconnect, slow, bitflip, "
+                              "overrange")
         sub.add_argument("--late-delay", type=float, default=1.0, metavar="S", help="delay of a late reply (default 1 s)")
         sub.add_argument("--slow-latency", type=float, default=0.2, metavar="S",
                          help="extra delay per reply during a slow period (default 0.2 s)")

@@ -4,7 +4,8 @@ The protocol is small enough for a microcontroller with a few DACs and ADCs; the
 specification, with an example session, is in ``docs/serial-board.md``. In short: every line
 ends with ``\\n``, every command gets exactly one reply line (``OK``, values, or
 ``ERR <code> <text>``), and a forward pass of a batch is one ``RUN`` (ASCII) or ``RUNB``
-(binary, little-endian float32 in an IEEE 488.2 block) exchange.
+(binary, little-endian float32 in an IEEE 488.2 block) exchange. With ``checksum`` on, each
+binary block carries its CRC-32, so a corrupted batch is discarded instead of read as data.
 """
 
 from __future__ import annotations
@@ -17,7 +18,16 @@ import numpy as np
 
 from ..errors import ConfigError, InstrumentError
 from .instrument import BatchRunner, ChannelRanges, Instrument, Meter, Source, register_driver
-from .scpi import decode_values, encode_block, encode_values, format_number, format_numbers, parse_values, read_block
+from .scpi import (
+    block_checksum,
+    decode_values,
+    encode_block,
+    encode_values,
+    format_number,
+    format_numbers,
+    parse_values,
+    read_block,
+)
 from .transport import Transport
 
 __all__ = ["SerialBoard", "BOARD_ERRORS", "BOARD_BINARY_FORMAT"]
@@ -31,6 +41,7 @@ BOARD_ERRORS = {
     3: "no such channel",
     4: "malformed number or data",
     5: "batch too large",
+    6: "checksum mismatch",
 }
 
 #: Number format of binary bulk transfers: little-endian float32, the native float of common
@@ -50,6 +61,10 @@ class SerialBoard(Instrument, Source, Meter, BatchRunner):
         ``"binary"`` (``RUNB``) or ``"ascii"`` (``RUN``) for batches.
     max_values_per_line
         Most channel values in one ``SET`` line, to keep lines short for small boards.
+    checksum
+        Switch on the board's CRC-32 on binary batches (``CRC 1``), in both directions: the
+        board refuses a corrupted batch, and a corrupted reply raises
+        :class:`~pnn.errors.MeasurementError`, so the controller discards that batch.
     """
 
     driver_name = "serial-board"
@@ -66,6 +81,7 @@ class SerialBoard(Instrument, Source, Meter, BatchRunner):
         "outputs": "OUTPUTS {channels}",
         "run_ascii": "RUN {rows} {data}",
         "run_binary": "RUNB {rows} ",
+        "checksum": "CRC {value}",
         "error": "",
     }
 
@@ -76,6 +92,7 @@ class SerialBoard(Instrument, Source, Meter, BatchRunner):
         name: str,
         transfer: str = "binary",
         max_values_per_line: int = 64,
+        checksum: bool = False,
         **options: Any,
     ) -> None:
         super().__init__(transport, name=name, **options)
@@ -83,7 +100,15 @@ class SerialBoard(Instrument, Source, Meter, BatchRunner):
             raise ConfigError(f"instrument {name!r}: transfer must be 'binary' or 'ascii', got {transfer!r}")
         if int(max_values_per_line) < 1:
             raise ConfigError(f"instrument {name!r}: max_values_per_line must be >= 1, got {max_values_per_line}")
+        if not isinstance(checksum, bool):
+            raise ConfigError(f"instrument {name!r}: checksum must be true or false, got {checksum!r}")
+        if checksum and transfer != "binary":
+            raise ConfigError(
+                f"instrument {name!r}: checksum covers binary batches only; set transfer = \"binary\" "
+                "or remove checksum"
+            )
         self.transfer = transfer
+        self.checksum = checksum
         self.max_values_per_line = int(max_values_per_line)
         self._sent: dict[str, Any] = {}
         self.n_dac: int | None = None
@@ -97,6 +122,17 @@ class SerialBoard(Instrument, Source, Meter, BatchRunner):
         except ValueError:
             raise InstrumentError(f"board {self.name!r}: CHAN? reply {reply!r} is not '<dac>,<adc>'") from None
         self.n_dac, self.n_adc = n_dac, n_adc
+        if self.checksum:
+            # Sent after every connection, because a board that was unplugged starts with it off.
+            reply = self._ask_raw(self.command("checksum", value=1))
+            if reply.startswith("ERR 1"):
+                raise InstrumentError(
+                    f"board {self.name!r} does not know the CRC command ({reply[:60]!r}); update its firmware "
+                    "or remove checksum from the station file"
+                )
+            if reply != "OK":
+                self._reply(reply.encode(), "switching checksums on")
+                raise InstrumentError(f"board {self.name!r}: switching checksums on: expected OK, got {reply[:60]!r}")
 
     # ------------------------------------------------------------------------- protocol
     def _reply(self, line: bytes, context: str) -> str:
@@ -112,6 +148,12 @@ class SerialBoard(Instrument, Source, Meter, BatchRunner):
         with self.exchange() as link:
             link.write(command)
             return self._reply(link.read_line(), context)
+
+    def _ask_raw(self, command: str) -> str:
+        """Send ``command`` and return its reply line, an ``ERR`` reply included."""
+        with self.exchange() as link:
+            link.write(command)
+            return link.read_line().decode(self.transport.settings.encoding, errors="replace").strip()
 
     def _expect_ok(self, command: str, context: str) -> None:
         reply = self._ask(command, context)
@@ -204,14 +246,15 @@ class SerialBoard(Instrument, Source, Meter, BatchRunner):
         with self.exchange() as link:
             self.configure_batch(input_channels, output_channels, settle_s=settle_s, averages=averages)
             if self.transfer == "binary":
-                payload = encode_block(encode_values(inputs.ravel(), BOARD_BINARY_FORMAT, little_endian=True))
+                data = encode_values(inputs.ravel(), BOARD_BINARY_FORMAT, little_endian=True)
+                payload = encode_block(data) + (block_checksum(data) if self.checksum else b"")
                 link.write(self.command("run_binary", rows=rows).encode(link.settings.encoding) + payload)
                 head = link.read_exact(2)
                 if not head.startswith(b"#"):
                     # An error reply instead of a block: read the rest of its line and raise.
                     self._reply(head + link.read_line(), "running the batch")
                     raise InstrumentError(f"{where}: expected a binary block, got {head!r}")
-                block = read_block(link, where=where, head=head)
+                block = read_block(link, where=where, head=head, checksum=self.checksum)
                 values = decode_values(block, BOARD_BINARY_FORMAT, where=where, overrange=self.overrange,
                                        little_endian=True, expected=expected)
             else:

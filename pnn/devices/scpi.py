@@ -17,6 +17,7 @@ import functools
 import math
 import re
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "OVERRANGE",
     "encode_block",
+    "block_checksum",
     "read_block",
     "parse_values",
     "decode_values",
@@ -161,20 +163,28 @@ def encode_block(payload: bytes) -> bytes:
     return b"#" + str(len(length)).encode("ascii") + length + payload
 
 
-def read_block(transport: Transport, *, where: str, head: bytes | None = None) -> bytes:
+def block_checksum(payload: bytes) -> bytes:
+    """Return the CRC-32 of ``payload`` (the zlib, Ethernet and PNG one) as 8 upper-case hex digits."""
+    return f"{zlib.crc32(payload):08X}".encode("ascii")
+
+
+def read_block(transport: Transport, *, where: str, head: bytes | None = None, checksum: bool = False) -> bytes:
     """Read one definite-length block and the terminator after it; return the payload.
 
     The header is read first (two bytes, then the length digits), then exactly that many
-    payload bytes, however the link fragments them, then the rest of the line, which must be
-    empty. ``head`` passes the first two bytes when the caller has already read them.
+    payload bytes, however the link fragments them, then the rest of the line. That rest must
+    be empty, or with ``checksum`` the payload's :func:`block_checksum`. ``head`` passes the
+    first two bytes when the caller has already read them.
 
     Raises
     ------
     InstrumentError
-        If the reply is not a block (an error message, say); the rest of that line is consumed
-        so that the link stays in step.
+        If the reply is not a block (an error message, say), or a checksum is missing; the rest
+        of that line is consumed so that the link stays in step.
     InstrumentTimeout
         If the block stops arriving.
+    MeasurementError
+        If the checksum does not match the payload: the block was corrupted on the way.
     """
     if head is None:
         head = transport.read_exact(2)
@@ -190,9 +200,22 @@ def read_block(transport: Transport, *, where: str, head: bytes | None = None) -
         rest = transport.read_line()
         raise InstrumentError(f"{where}: binary block header {(head + length_text)!r} has a non-numeric length ({rest[:40]!r} followed)")
     payload = transport.read_exact(int(length_text))
-    trailer = transport.read_line()
-    if trailer.strip():
-        raise InstrumentError(f"{where}: {len(trailer)} unexpected byte(s) after a binary block: {trailer[:40]!r}")
+    trailer = transport.read_line().strip()
+    if not checksum:
+        if trailer:
+            raise InstrumentError(f"{where}: {len(trailer)} unexpected byte(s) after a binary block: {trailer[:40]!r}")
+        return payload
+    if len(trailer) != 8:
+        raise InstrumentError(
+            f"{where}: expected an 8-digit checksum after the binary block, got {trailer[:40]!r}; "
+            "check that the instrument has checksums switched on"
+        )
+    expected = block_checksum(payload)
+    if trailer.upper() != expected:
+        raise MeasurementError(
+            f"{where}: the binary block's checksum {trailer.decode('ascii', 'replace')} does not match its "
+            f"payload ({expected.decode()}), so the reply was corrupted on the way and is discarded"
+        )
     return payload
 
 

@@ -69,14 +69,14 @@ _INSTRUMENT_KEYS = {
     "reconnect_attempts", "reconnect_backoff_s", "commands", "baud_rate", "data_bits", "parity",
     "stop_bits", "rtscts", "usb",
     # Driver options; each driver accepts the subset it names in DRIVER_OPTIONS.
-    "transfer", "binary_format", "max_commands_per_line", "max_values_per_line",
+    "transfer", "binary_format", "max_commands_per_line", "max_values_per_line", "checksum",
 }
 #: Station keys that become keyword arguments of a driver, by driver name.
 DRIVER_OPTIONS = {
     "scpi-source": ("transfer", "binary_format", "max_commands_per_line"),
     "scpi-meter": ("transfer", "binary_format", "max_commands_per_line"),
     "scpi-source-meter": ("transfer", "binary_format", "max_commands_per_line"),
-    "serial-board": ("transfer", "max_values_per_line"),
+    "serial-board": ("transfer", "max_values_per_line", "checksum"),
 }
 _NODE_KEYS = {
     "name", "activation", "gradient", "mode", "settle_s", "averages", "update_mode", "seed",
@@ -293,11 +293,11 @@ def _parse_instrument(name: str, table: _Table) -> InstrumentConfig:
         raise table.error("driver", str(exc)) from None
     allowed = DRIVER_OPTIONS.get(driver)
     options: dict[str, Any] = {}
-    for key in ("transfer", "binary_format", "max_commands_per_line", "max_values_per_line"):
+    for key in ("transfer", "binary_format", "max_commands_per_line", "max_values_per_line", "checksum"):
         if table.has(key):
             if allowed is not None and key not in allowed:
                 raise table.error(key, f"driver {driver!r} has no such option; its options are {', '.join(allowed) or 'none'}")
-            options[key] = table.get(key, (str, int))
+            options[key] = table.get(key, bool if key == "checksum" else (str, int))
     if table.has("commands"):
         commands = table.get("commands", dict)
         for key, value in commands.items():

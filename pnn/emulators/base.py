@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -217,7 +218,8 @@ class Emulator(ABC):
     # ----------------------------------------------------------------------------- reply
     def send_reply(self, link: Link, reply: bytes, terminator: bytes = b"\n") -> bool:
         """Send a reply, applying latency and any fault; return False if the link was dropped."""
-        kind, options = self.faults.next_reply_fault()
+        header = re.match(rb"#([1-9])", reply)
+        kind, options = self.faults.next_reply_fault(block=header is not None)
         delay = self.faults.reply_delay()
         if delay > 0:
             self._sleep(delay)
@@ -249,6 +251,14 @@ class Emulator(ABC):
             link.send(bytes(data) + terminator)
         elif kind == "wrong_terminator":
             link.send(reply + b"\r")
+        elif kind == "bitflip":
+            data = bytearray(reply)
+            start = 2 + int(header.group(1))
+            end = start + int(data[2:start])
+            if end > start:
+                index = int(self.faults.rng.integers(start, end))
+                data[index] ^= 1 << int(self.faults.rng.integers(8))
+            link.send(bytes(data) + terminator)
         elif kind == "trickle":
             stop = time.monotonic() + float(option(options, "trickle_s"))
             interval = float(option(options, "trickle_interval_s"))

@@ -18,6 +18,8 @@ Reply faults, applied to the next reply sent:
 - ``disconnect``: half of the reply is sent and the connection is closed (a serial port
   disappears and comes back after ``reappear_s``).
 - ``slow``: starts a slow period: for ``slow_s`` seconds every reply is ``slow_latency_s`` late.
+- ``bitflip``: one bit of the payload of the next binary block reply flips, as line noise on
+  a serial cable would do; replies that carry no block are left alone.
 
 Measurement fault:
 
@@ -39,7 +41,8 @@ from ..errors import ConfigError
 
 __all__ = ["FaultConfig", "FaultInjector", "REPLY_FAULTS", "MEASUREMENT_FAULTS", "FAULT_KINDS", "parse_fault_rates"]
 
-REPLY_FAULTS = ("no_reply", "late", "split", "partial", "garbled", "wrong_terminator", "trickle", "disconnect", "slow")
+REPLY_FAULTS = ("no_reply", "late", "split", "partial", "garbled", "wrong_terminator", "trickle", "disconnect", "slow",
+                "bitflip")
 MEASUREMENT_FAULTS = ("overrange",)
 FAULT_KINDS = REPLY_FAULTS + MEASUREMENT_FAULTS
 
@@ -141,9 +144,10 @@ class FaultInjector:
                     return kind, {}
         return None, {}
 
-    def next_reply_fault(self) -> tuple[str | None, dict[str, Any]]:
-        """Return the fault for the next reply, or (None, {})."""
-        kind, options = self._take(REPLY_FAULTS)
+    def next_reply_fault(self, *, block: bool = False) -> tuple[str | None, dict[str, Any]]:
+        """Return the fault for the next reply, or (None, {}); ``block`` is True for a binary block reply."""
+        kinds = REPLY_FAULTS if block else tuple(kind for kind in REPLY_FAULTS if kind != "bitflip")
+        kind, options = self._take(kinds)
         if kind == "slow":
             duration = float(options.get("slow_s", self.config.slow_s))
             self._slow_until = time.monotonic() + duration

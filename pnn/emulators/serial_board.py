@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..devices.scpi import encode_block
+from ..devices.scpi import block_checksum, encode_block
 from ..errors import ConfigError
 from .base import Emulator, Link, split_messages
 from .faults import FaultConfig
@@ -111,6 +111,9 @@ class SerialBoardEmulator(Emulator):
         Third field of the identity.
     max_rows
         Largest batch a ``RUN`` accepts (a microcontroller's buffer); larger ones get error 5.
+    crc_command
+        Whether the firmware has the ``CRC`` command. Without it the board answers ``CRC`` with
+        error 1, as an older board would.
     record_path
         Optional JSON-lines file receiving every command.
     """
@@ -119,13 +122,15 @@ class SerialBoardEmulator(Emulator):
 
     def __init__(self, hardware: EmulatedHardware, *, faults: FaultConfig | None = None,
                  link: str | Path | None = None, serial_number: str = "SN0001", max_rows: int = 4096,
-                 record_path: str | Path | None = None) -> None:
+                 crc_command: bool = True, record_path: str | Path | None = None) -> None:
         super().__init__(hardware, faults=faults, identity=f"PNN,EMULATED-BOARD,{serial_number},1.0",
                          record_path=record_path)
         self.link_path = Path(link) if link is not None else None
         if int(max_rows) < 1:
             raise ConfigError(f"max_rows must be at least 1, got {max_rows}")
         self.max_rows = int(max_rows)
+        self.crc_command = bool(crc_command)
+        self.checksum = False
         self.sequences: list[tuple[float, tuple[int, ...], np.ndarray]] = []
         self._inputs: list[int] = []
         self._outputs: list[int] = []
@@ -160,6 +165,8 @@ class SerialBoardEmulator(Emulator):
         self._master, self._slave = master, slave
         self._device_path = os.ttyname(slave)
         self._incarnation += 1
+        # A board that was unplugged starts again with checksums off.
+        self.checksum = False
         self._link = _PtyLink(self, master, self._incarnation)
         if self.link_path is not None:
             temporary = self.link_path.with_name(self.link_path.name + ".new")
@@ -329,6 +336,11 @@ class SerialBoardEmulator(Emulator):
             hw.check_meter(channels)
             self._outputs = channels
             return b"OK"
+        if verb_text == "CRC" and self.crc_command:
+            if args not in ("0", "1"):
+                raise _BoardError(4, f"CRC takes 0 or 1, got {args[:20]!r}")
+            self.checksum = args == "1"
+            return b"OK"
         if verb_text == "RUN":
             rows_text, _, data = args.partition(" ")
             values = np.array([_float(item) for item in data.split(",") if item.strip()])
@@ -358,9 +370,14 @@ class SerialBoardEmulator(Emulator):
         payload = rest[start + digits : start + digits + length]
         if len(payload) != length or len(payload) % 4:
             raise _BoardError(4, "binary block length is not a whole number of float32 values")
+        if self.checksum:
+            trailer = rest[start + digits + length :].strip()
+            if trailer.upper() != block_checksum(payload):
+                raise _BoardError(6, f"checksum {trailer[:8].decode('latin-1')!r} does not match the batch; nothing was applied")
         values = np.frombuffer(payload, dtype="<f4").astype(np.float64)
         readings = self._run(rows, values)
-        return encode_block(np.ascontiguousarray(readings.ravel(), dtype="<f4").tobytes())
+        reply = np.ascontiguousarray(readings.ravel(), dtype="<f4").tobytes()
+        return encode_block(reply) + (block_checksum(reply) if self.checksum else b"")
 
     def level_writes(self) -> list[tuple[float, int, float]]:
         writes = []
