@@ -599,10 +599,11 @@ class PhysicalNoProp:
         return {"loss": float(loss), "accuracy": accuracy, "invalid": invalid}
 
     def _predict(self, x: np.ndarray) -> np.ndarray:
-        """Return the network's outputs in chunks, trying a chunk again after an instrument fault.
+        """Return the network's outputs in chunks, trying a chunk again after a failed measurement.
 
-        A chunk is tried at most ``max_consecutive_invalid`` times, with the same backoff as
-        training steps; the last fault is raised after that.
+        A chunk is tried at most ``max_consecutive_invalid`` times; the last failure is raised
+        after that. An instrument fault waits with the same backoff as training steps. A reply
+        that arrived but was invalid (corrupted, incomplete) is measured again at once.
         """
         chunks = []
         for start in range(0, len(x), self.eval_batch_size):
@@ -619,6 +620,11 @@ class PhysicalNoProp:
                     log.warning("evaluation: instrument fault (%d in a row), trying again: %s", faults, exc)
                     self._consecutive_faults = faults
                     self._backoff(lambda: False)
+                except MeasurementError as exc:
+                    faults += 1
+                    if faults >= self.max_consecutive_invalid:
+                        raise
+                    log.warning("evaluation: invalid measurement (%d in a row), measuring again: %s", faults, exc)
         self._consecutive_faults = 0
         return np.concatenate(chunks, axis=0)
 

@@ -6,21 +6,29 @@ import numpy as np
 import pytest
 
 from pnn.controller import PhysicalNoProp, TrainingStopped
+from pnn.errors import MeasurementError
 from pnn.learning import DFA
 from pnn.network import DigitalLinear, PhysicalNetwork, Readout
 from pnn.runs import RunDir
 
 
 class FlakyLinear(DigitalLinear):
-    """A digital layer whose forward passes listed in ``fail_on`` return NaN, like an overrange."""
+    """A digital layer whose forward passes listed in ``fail_on`` return NaN, like an overrange.
+
+    Passes listed in ``corrupt_on`` raise MeasurementError instead, like a reply whose checksum
+    does not match.
+    """
 
     def __init__(self, *args, fail_on: set[int], **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.fail_on = fail_on
+        self.corrupt_on: set[int] = set()
         self.calls = 0
 
     def _forward(self, x):
         self.calls += 1
+        if self.calls in self.corrupt_on:
+            raise MeasurementError(f"node {self.name!r}: corrupted reply")
         outputs, applied, probes = super()._forward(x)
         if self.calls in self.fail_on:
             outputs = np.full_like(outputs, np.nan)
@@ -85,3 +93,26 @@ def test_evaluate_counts_invalid_examples(rng):
     result = controller.evaluate(x, y)
     assert result["invalid"] == 10
     assert 0 <= result["accuracy"] <= 20 / 30
+
+
+def test_evaluate_measures_corrupted_chunk_again(rng):
+    network, flaky, _ = network_with_flaky_middle(set())
+    x, y = data(rng, 30)
+    controller = PhysicalNoProp(network, DFA(), epochs=1, batch_size=10, progress=False, eval_batch_size=10)
+    clean = controller.evaluate(x, y)
+    flaky.corrupt_on = {flaky.calls + 2}
+    calls_before = flaky.calls
+    result = controller.evaluate(x, y)
+    assert result == clean
+    assert flaky.calls == calls_before + 4
+
+
+def test_evaluate_raises_after_repeated_corruption(rng):
+    network, flaky, _ = network_with_flaky_middle(set())
+    x, y = data(rng, 30)
+    controller = PhysicalNoProp(network, DFA(), epochs=1, batch_size=10, progress=False, eval_batch_size=10,
+                                max_consecutive_invalid=3)
+    flaky.corrupt_on = set(range(1, 100))
+    with pytest.raises(MeasurementError, match="corrupted reply"):
+        controller.evaluate(x, y)
+    assert flaky.calls == 3
