@@ -601,7 +601,7 @@ class PhysicalNoProp:
     def _predict(self, x: np.ndarray) -> np.ndarray:
         """Return the network's outputs in chunks, trying a chunk again after a failed measurement.
 
-        A chunk is tried at most ``max_consecutive_invalid`` times; the last failure is raised
+        A chunk is tried at most ``max_consecutive_invalid`` times, and the last failure is raised
         after that. An instrument fault waits with the same backoff as training steps. A reply
         that arrived but was invalid (corrupted, incomplete) is measured again at once.
         """

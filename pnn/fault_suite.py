@@ -91,7 +91,7 @@ class Scenario:
     """``"safe"`` or ``"refuse"``: the station reads no level back, with this unknown_start."""
     readback_overshoot: bool = False
     checksum: bool = False
-    """Whether the station switches the board's CRC-32 on binary batches on."""
+    """Whether the station turns on the board's CRC-32 for binary batches."""
     after_recovery: bool = False
     """Whether each injection waits for a batch accepted since the previous one. Two outages
     that overlap would add up towards the failures in a row that stop a run."""
@@ -405,10 +405,8 @@ def _settled_resources(before: tuple[int, int], wait_s: float = 2.0) -> tuple[in
 
 def run_scenario(scenario: Scenario, *, seed: int = 0) -> FaultResult:
     """Run one scenario on each of its emulators and return its counts."""
-    # A full garbage collection in a long-lived process (a test session holds a few hundred
-    # thousand objects) pauses every thread for 0.1 s or more, enough to make the emulator
-    # miss the suite's 0.25 s timeouts. Freezing the objects that exist now keeps collections
-    # during the scenario short.
+    # A full garbage collection in a test session pauses every thread for 0.1 s or more, so the
+    # emulator can miss the 0.25 s timeouts. Freezing the existing objects keeps collections short.
     gc.collect()
     gc.freeze()
     try:

@@ -239,7 +239,7 @@ def test_serial_bitflip_with_checksum_is_invalid(board_emulator):
     board.close()
 
 
-def test_serial_board_refuses_corrupted_batch(board_emulator):
+def test_serial_board_rejects_corrupted_batch(board_emulator):
     board = _board(board_emulator, checksum=True)
     board.configure_batch([1, 2, 3], [1, 2], settle_s=0.0, averages=1)
     batches_before = len(board_emulator.sequences)
@@ -268,7 +268,7 @@ def test_serial_reconnect_restores_checksum(board_emulator):
 def test_serial_checksum_needs_firmware_support(tmp_path):
     hardware = EmulatedHardware([LayerSpec(3, 2, "tanh")], preset="ideal", seed=0)
     with SerialBoardEmulator(hardware, link=tmp_path / "board", crc_command=False) as emulator:
-        with pytest.raises(InstrumentError, match="does not know the CRC command.*remove checksum"):
+        with pytest.raises(InstrumentError, match="does not support the CRC command.*remove checksum"):
             _board(emulator, checksum=True)
 
 

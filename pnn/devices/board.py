@@ -63,7 +63,7 @@ class SerialBoard(Instrument, Source, Meter, BatchRunner):
         Most channel values in one ``SET`` line, to keep lines short for small boards.
     checksum
         Switch on the board's CRC-32 on binary batches (``CRC 1``), in both directions: the
-        board refuses a corrupted batch, and a corrupted reply raises
+        board rejects a corrupted batch, and a corrupted reply raises
         :class:`~pnn.errors.MeasurementError`, so the controller discards that batch.
     """
 
@@ -127,7 +127,7 @@ class SerialBoard(Instrument, Source, Meter, BatchRunner):
             reply = self._ask_raw(self.command("checksum", value=1))
             if reply.startswith("ERR 1"):
                 raise InstrumentError(
-                    f"board {self.name!r} does not know the CRC command ({reply[:60]!r}); update its firmware "
+                    f"board {self.name!r} does not support the CRC command ({reply[:60]!r}); update its firmware "
                     "or remove checksum from the station file"
                 )
             if reply != "OK":

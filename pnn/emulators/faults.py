@@ -145,7 +145,7 @@ class FaultInjector:
         return None, {}
 
     def next_reply_fault(self, *, block: bool = False) -> tuple[str | None, dict[str, Any]]:
-        """Return the fault for the next reply, or (None, {}); ``block`` is True for a binary block reply."""
+        """Return the fault for the next reply, or (None, {}). ``block`` is True for a binary block reply."""
         kinds = REPLY_FAULTS if block else tuple(kind for kind in REPLY_FAULTS if kind != "bitflip")
         kind, options = self._take(kinds)
         if kind == "slow":

@@ -112,8 +112,8 @@ class SerialBoardEmulator(Emulator):
     max_rows
         Largest batch a ``RUN`` accepts (a microcontroller's buffer); larger ones get error 5.
     crc_command
-        Whether the firmware has the ``CRC`` command. Without it the board answers ``CRC`` with
-        error 1, as an older board would.
+        Whether the firmware has the ``CRC`` command. Without it the board replies to ``CRC``
+        with error 1, as an older board would.
     record_path
         Optional JSON-lines file receiving every command.
     """
